@@ -1,0 +1,1 @@
+"""The HTTP/WebSocket API: thin Quart-trio blueprints over the components main.py wires together."""

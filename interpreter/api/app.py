@@ -1,0 +1,173 @@
+"""The application factory: Quart-trio app, auth policy, error handlers, ASGI middleware."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from quart import Blueprint, Response, g, jsonify, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from interpreter.api import asgi
+from interpreter.api.envelope import envelope
+from interpreter.auth.keys import KeyAuthenticator
+from interpreter.auth.principals import Principal
+from interpreter.errors import AuthenticationFailed, InterpreterError, UnsupportedMediaType
+from interpreter.health import HealthRegistry
+from interpreter.settings import Settings
+
+log = logging.getLogger("interpreter.api")
+security_log = logging.getLogger("interpreter.security")
+
+# Reachable without a key: liveness and the API description (only served with ENABLE_DOCS).
+PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/docs.js", "/docs/docs.css"})
+ADMIN_PREFIX = "/api/v1/admin"
+# Bodies of these content types are accepted on POST/PUT/PATCH (as the reference does); uploads are multipart.
+ACCEPTED_BODY_TYPES = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded", "text/plain")
+UPLOAD_PATHS = ("/upload",)
+
+
+@dataclass
+class AppDeps:
+    """What the routes need from the rest of the process; main.py fills it in."""
+
+    health: HealthRegistry
+    authenticator: KeyAuthenticator
+    started_at: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def current_principal() -> Principal:
+    principal: Principal = g.principal
+    return principal
+
+
+def _client_ip() -> str:
+    return request.remote_addr or "?"
+
+
+def create_app(settings: Settings, deps: AppDeps, *, blueprints: Iterable[Blueprint] = ()) -> asgi.ASGIApp:
+    """The ASGI application: the Quart app wrapped in our middleware.
+
+    ``blueprints`` are the feature routers of later components (exec, files, admin, ...).
+    """
+    from interpreter.api import health, openapi
+
+    app = QuartTrio("interpreter")
+    app.config.update(
+        MAX_CONTENT_LENGTH=None,  # BodyCap enforces per-route caps while the body streams in
+        PROVIDE_AUTOMATIC_OPTIONS=False,  # OPTIONS is CORS' business; without CORS it is a 405
+        PROPAGATE_EXCEPTIONS=False,
+        BODY_TIMEOUT=60,
+    )
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["deps"] = deps
+    app.extensions["settings"] = settings
+
+    @app.before_request
+    async def content_type_gate() -> None:
+        if request.method in ("POST", "PUT", "PATCH") and not request.path.startswith(UPLOAD_PATHS):
+            content_type = (request.headers.get("content-type") or "").lower()
+            if not any(accepted in content_type for accepted in ACCEPTED_BODY_TYPES):
+                shown = content_type.split(";")[0][:60] or "none"
+                raise UnsupportedMediaType(f"Unsupported content type: {shown}")
+
+    @app.before_request
+    async def authenticate() -> None:
+        path = request.path
+        try:
+            if path.startswith(ADMIN_PREFIX):
+                g.principal = deps.authenticator.admin(request.headers)
+            elif path in PUBLIC_PATHS or request.method == "OPTIONS":
+                g.principal = None
+            else:
+                g.principal = deps.authenticator.user(request.headers)
+        except InterpreterError as exc:
+            # A security event: who and where, never the key.
+            security_log.warning(
+                "authentication failed",
+                extra={"fields": {"client": _client_ip(), "path": path, "reason": str(exc), "status": exc.status}},
+            )
+            raise
+
+    @app.errorhandler(InterpreterError)
+    async def interpreter_error(exc: InterpreterError) -> Response:
+        return _envelope_response(
+            exc.status,
+            str(exc),
+            details=exc.details,
+            error_type=exc.error_type,
+            headers=exc.headers,
+            retry_after_s=getattr(exc, "retry_after_s", None) if exc.status == 429 else None,
+        )
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        headers = {}
+        if status == 405:
+            allowed = getattr(exc, "valid_methods", None) or []
+            headers["Allow"] = ", ".join(allowed)
+        message = {404: "Not found", 405: "Method not allowed", 413: "Request body too large"}.get(
+            status, exc.name or "Error"
+        )
+        return _envelope_response(status, message, headers=headers)
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Response:
+        # The traceback goes to the log (always, with the request id); never into the response.
+        log.error("unhandled exception", exc_info=exc)
+        return _envelope_response(500, "An unexpected error occurred")
+
+    app.register_blueprint(health.blueprint)
+    if settings.enable_docs:
+        app.register_blueprint(openapi.blueprint)
+    for blueprint in blueprints:
+        app.register_blueprint(blueprint)
+
+    json_cap, upload_cap = settings.max_request_json_bytes, settings.max_upload_bytes
+
+    def cap_for(path: str) -> int:
+        return upload_cap if path.startswith(UPLOAD_PATHS) else json_cap
+
+    wrapped: asgi.ASGIApp = asgi.BodyCap(app, cap_for)  # type: ignore[arg-type]
+    wrapped = asgi.StripV1Prefix(wrapped)
+    if settings.enable_cors:
+        wrapped = asgi.Cors(wrapped, settings.cors_origins)
+    return asgi.RequestContext(wrapped)
+
+
+def _envelope_response(
+    status: int,
+    message: str,
+    *,
+    details: list[dict[str, Any]] | None = None,
+    error_type: str | None = None,
+    headers: dict[str, str] | None = None,
+    retry_after_s: int | None = None,
+) -> Response:
+    request_id = request.scope.get("request_id")
+    body = envelope(
+        status,
+        message,
+        request_id=request_id if isinstance(request_id, str) else None,
+        details=details,
+        error_type=error_type,
+        retry_after_s=retry_after_s,
+    )
+    response = jsonify(body)
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def require_principal() -> Principal:
+    """For routes reachable without a key that still need to know the caller."""
+    principal: Principal | None = g.get("principal")
+    if principal is None:
+        raise AuthenticationFailed("API key is required")
+    return principal

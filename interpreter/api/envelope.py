@@ -1,0 +1,51 @@
+"""The one error envelope (DESIGN §8) and request ids."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from typing import Any
+
+from interpreter.errors import error_type_for
+
+_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_-"
+_SAFE_INCOMING_ID = re.compile(r"^[A-Za-z0-9._:-]{8,64}$")
+
+
+def new_request_id() -> str:
+    """A 21-character nanoid-style id, as the reference uses."""
+    return "".join(secrets.choice(_ALPHABET) for _ in range(21))
+
+
+def request_id_from(incoming: str | None) -> str:
+    """Keep a well-formed upstream X-Request-ID (for tracing through proxies); otherwise make one."""
+    if incoming and _SAFE_INCOMING_ID.match(incoming):
+        return incoming
+    return new_request_id()
+
+
+def envelope(
+    status: int,
+    message: str,
+    *,
+    request_id: str | None,
+    details: list[dict[str, Any]] | None = None,
+    error_type: str | None = None,
+    retry_after_s: int | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "error": message,
+        "error_type": error_type or error_type_for(status),
+        "details": details,
+        "request_id": request_id,
+        "timestamp": time.time(),
+    }
+    if retry_after_s is not None:
+        body["retry_after_seconds"] = retry_after_s
+    return body
+
+
+def envelope_bytes(status: int, message: str, *, request_id: str | None) -> bytes:
+    return json.dumps(envelope(status, message, request_id=request_id)).encode()

@@ -1,0 +1,1 @@
+"""Authentication: who is calling, as a Principal that owns data (DESIGN §9)."""

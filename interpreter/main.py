@@ -1,0 +1,204 @@
+"""The composition root: the only module that knows every component (DESIGN §2, STYLE §3).
+
+Lexical nesting is the shutdown order: HTTP drains first (within SHUTDOWN_GRACE_SECONDS), then the
+services are cancelled with bounded cleanup, then the stores close.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from functools import partial
+from pathlib import Path
+
+import trio
+import trio_asyncio
+from hypercorn.config import Config as HyperConfig
+from hypercorn.trio import serve as hypercorn_serve
+from quart import Blueprint
+
+from interpreter import __version__
+from interpreter.api.app import AppDeps, create_app
+from interpreter.auth.keys import KeyAuthenticator
+from interpreter.errors import SettingsError
+from interpreter.health import CheckResult, HealthRegistry
+from interpreter.settings import DEFAULT_API_KEY, LOOPBACK_HOSTS, Settings
+from sandboxes.nsjail import locate_nsjail
+from supervisors.sd_notify import Notifier, run_watchdog
+from supervisors.supervise import ServiceBoard, supervise
+
+log = logging.getLogger("interpreter")
+
+ShutdownTrigger = Callable[[], Awaitable[None]]
+
+
+async def wait_for_signal() -> None:
+    """Returns on the first SIGTERM or SIGINT: the start of a graceful shutdown."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("shutdown requested", extra={"fields": {"signal": signal.Signals(signum).name}})
+            return
+
+
+def startup_warnings(settings: Settings) -> list[str]:
+    """What an operator must hear about at start (and sees again in /health/detailed)."""
+    warnings = []
+    exposed = settings.api_host not in LOOPBACK_HOSTS
+    if settings.auth_enabled and DEFAULT_API_KEY in settings.all_api_keys and exposed:
+        warnings.append(
+            f"the default API key ({DEFAULT_API_KEY!r}) is accepted on a non-loopback bind: anyone who knows "
+            "the guide can run code here; set API_KEY"
+        )
+    if settings.auth_enabled and any(len(key) < 16 for key in settings.all_api_keys):
+        warnings.append("an API key is shorter than 16 characters")
+    if not settings.auth_enabled and exposed:
+        warnings.append("AUTH_ENABLED=false on a non-loopback bind: user routes are open to anyone who can connect")
+    if not settings.enable_network_isolation:
+        warnings.append("ENABLE_NETWORK_ISOLATION=false: sandboxes share the host's network")
+    if settings.api_reload:
+        warnings.append("API_RELOAD is ignored: a binary does not reload")
+    return warnings
+
+
+def hypercorn_config(settings: Settings) -> HyperConfig:
+    """Set attributes one by one (never from_mapping, which drops unknown keys silently)."""
+    config = HyperConfig()
+    host = settings.api_host
+    config.bind = [
+        f"[{host}]:{settings.port}" if ":" in host and not host.startswith("[") else f"{host}:{settings.port}"
+    ]
+    config.graceful_timeout = settings.shutdown_grace_s
+    config.keep_alive_timeout = 75  # above the idle timeouts of common proxies and Node's keep-alive agents
+    config.include_server_header = False
+    config.websocket_max_message_size = settings.max_request_json_bytes
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.accesslog = logging.getLogger("interpreter.access") if settings.enable_access_logs else None
+    # %(r)s is "METHOD path PROTOCOL" without the query string: keys in URLs never reach the log.
+    config.access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(D)sus'
+    if settings.https_enabled:
+        for label, path in (
+            ("SSL_CERT_FILE", settings.ssl_cert_path),
+            ("SSL_KEY_FILE", settings.ssl_key_path),
+            ("SSL_CA_CERTS", settings.ssl_ca_path),
+        ):
+            if path is not None and not path.is_file():
+                raise SettingsError(f"{label}: HTTPS is enabled but {path} is not a readable file")
+        config.certfile = str(settings.ssl_cert_path)
+        config.keyfile = str(settings.ssl_key_path)
+        if settings.ssl_ca_path is not None:
+            config.ca_certs = str(settings.ssl_ca_path)
+    return config
+
+
+def _writable_dir(path: Path) -> bool:
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
+def register_base_checks(health: HealthRegistry, settings: Settings, board: ServiceBoard, warnings: list[str]) -> None:
+    """The checks this layer owns; sandboxes, stores and kernels register their own."""
+
+    async def nsjail_check() -> CheckResult:
+        try:
+            binary = locate_nsjail(settings.nsjail_binary)
+        except FileNotFoundError:
+            return CheckResult("unhealthy", error="nsjail binary not found")
+        if not os.access(binary, os.X_OK):
+            return CheckResult("unhealthy", error="nsjail binary is not executable")
+        details = {"bundled": settings.nsjail_binary == "nsjail"}
+        if not _writable_dir(settings.sandbox_base_dir):
+            return CheckResult("degraded", details, error="SANDBOX_BASE_DIR is missing or not writable")
+        return CheckResult("healthy", details)
+
+    async def services_check() -> CheckResult:
+        stats = board.statistics()
+        return CheckResult("healthy" if board.healthy() else "degraded", {"services": stats})
+
+    async def security_check() -> CheckResult:
+        details = {
+            "auth_enabled": settings.auth_enabled,
+            "network_isolation": settings.enable_network_isolation,
+            "https": settings.https_enabled,
+        }
+        if warnings:
+            return CheckResult("degraded", {**details, "warnings": warnings})
+        return CheckResult("healthy", details)
+
+    health.register("nsjail", nsjail_check)
+    health.register("services", services_check, required=False)
+    health.register("security", security_check, required=False)
+
+
+def prepare_directories(settings: Settings) -> None:
+    """Create the sandbox base directory with 0755 parents (bind sources need o+x on every parent)."""
+    try:
+        settings.sandbox_base_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(f"SANDBOX_BASE_DIR: cannot create {settings.sandbox_base_dir}: {exc.strerror}") from None
+
+
+async def serve(
+    settings: Settings,
+    *,
+    shutdown_trigger: ShutdownTrigger = wait_for_signal,
+    notifier: Notifier | None = None,
+    blueprints: Iterable[Blueprint] = (),
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the whole server until ``shutdown_trigger`` returns.
+
+    Ready once HTTP listens; ``started()`` carries the bound URLs (``http://127.0.0.1:PORT``).
+    Then READY=1 goes to systemd. On shutdown: STOPPING=1, HTTP drains within
+    SHUTDOWN_GRACE_SECONDS, then the services are cancelled.
+
+    ``blueprints`` are extra routers mounted beside the built-in ones (tests use it for routes
+    with controlled timing).
+
+    Raises:
+        SettingsError: a setting that only shows its problem at start (missing certificate, ...).
+    """
+    notifier = notifier or Notifier()
+    started_at = time.monotonic()
+    warnings = startup_warnings(settings)
+    for warning in warnings:
+        log.warning(warning)
+    log.info(
+        "starting",
+        extra={
+            "fields": {
+                "version": __version__,
+                "settings": settings.redacted(),
+                "kv": settings.kv_backend,
+                "blobs": settings.blob_backend,
+            }
+        },
+    )
+    prepare_directories(settings)
+    hyper = hypercorn_config(settings)
+
+    board = ServiceBoard()
+    health = HealthRegistry()
+    register_base_checks(health, settings, board, warnings)
+    authenticator = KeyAuthenticator(settings.all_api_keys, settings.master_api_key, settings.auth_enabled)
+    deps = AppDeps(health=health, authenticator=authenticator, started_at=started_at)
+
+    async def stop_when_triggered() -> None:
+        await shutdown_trigger()
+        notifier.notify("STOPPING=1")
+
+    async with trio_asyncio.open_loop(), trio.open_nursery() as services:
+        watchdog = partial(run_watchdog, notifier, board.healthy)
+        await services.start(partial(supervise, watchdog, name="watchdog", board=board))
+        # HTTP binds last and drains first: its nursery ends when hypercorn has drained.
+        async with trio.open_nursery() as http:
+            app = create_app(settings, deps, blueprints=blueprints)
+            binds: list[str] = await http.start(
+                partial(hypercorn_serve, app, hyper, shutdown_trigger=stop_when_triggered)  # type: ignore[arg-type]
+            )
+            log.info("listening", extra={"fields": {"urls": binds}})
+            notifier.notify("READY=1")
+            task_status.started(binds)
+        services.cancel_scope.cancel()
+    log.info("stopped")

@@ -1,0 +1,1 @@
+"""What runs in or configures a jail: the nsjail binary, argv building, languages, the kernel."""

@@ -1,0 +1,1 @@
+"""Long-running services, each ``async def run(..., *, task_status)``, and the one supervision policy."""
