@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from dotenv import dotenv_values
 from pydantic import AliasChoices, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from interpreter.errors import SettingsError
 
@@ -187,6 +187,19 @@ class Settings(BaseSettings):
     # Which variables the operator gave (environment or .env), by canonical name. Not a variable.
     given: frozenset[str] = Field(default_factory=frozenset, exclude=True)
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_settings merges the environment over .env itself, so that what was *given* is known
+        # exactly (DESIGN §4); the model must not read either source a second time on its own.
+        return (init_settings,)
+
     _split = field_validator("api_keys", "cors_origins", "trusted_proxies", "sandbox_egress_allowlist", mode="before")(
         _split_list
     )
@@ -346,8 +359,6 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         merged["PORT"] = api_port
     given = frozenset(merged) | ({"API_PORT"} if api_port is not None else frozenset())
     try:
-        # model_validate skips BaseSettings' own source merging: `merged` is the only source, so
-        # what we record as given is exactly what counts.
         return Settings.model_validate({**merged, "given": given})
     except ValidationError as exc:
         raise SettingsError(_one_line(exc)) from None

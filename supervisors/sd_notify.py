@@ -59,8 +59,9 @@ async def run_watchdog(
         await trio.sleep_forever()
     period = notifier.watchdog_s / 2
     while True:
+        # Sleep first: at start the other services are still coming up (and READY=1 is not sent yet).
+        await trio.sleep(period)
         if healthy():
             notifier.notify("WATCHDOG=1")
         else:
             log.warning("watchdog ping skipped: a supervised service is not running")
-        await trio.sleep(period)

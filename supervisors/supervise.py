@@ -42,6 +42,13 @@ class ServiceBoard:
         return {name: vars(status).copy() for name, status in self.services.items()}
 
 
+def _leaf_names(exc: BaseException) -> str:
+    """``OSError`` rather than ``ExceptionGroup``: what actually went wrong, for health and logs."""
+    if isinstance(exc, BaseExceptionGroup):
+        return ", ".join(sorted({_leaf_names(inner) for inner in exc.exceptions}))
+    return type(exc).__name__
+
+
 async def supervise(
     service: Callable[..., Awaitable[Any]],
     *,
@@ -73,7 +80,7 @@ async def supervise(
             if not ready:
                 raise
             status.state, status.restarts = "restarting", status.restarts + 1
-            status.last_error, status.last_error_at = type(exc).__name__, time.time()
+            status.last_error, status.last_error_at = _leaf_names(exc), time.time()
             log.exception("service crashed", extra={"fields": {"service": name, "retry_in_s": delay}})
         await trio.sleep(delay)
         delay = min(delay * 2, backoff.max_s)

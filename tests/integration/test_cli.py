@@ -1,0 +1,138 @@
+"""The command line: --version, doctor, and logs of a real server process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from interpreter import __version__
+from interpreter.doctor import collect
+from interpreter.resources import sandboxes_dir
+from interpreter.settings import load_settings
+from tests.conftest import TEST_KEY, cli_env, free_port, make_settings
+
+INTERPRETER = [sys.executable, "-m", "interpreter"]
+
+
+def test_version() -> None:
+    result = subprocess.run([*INTERPRETER, "--version"], capture_output=True, text=True, timeout=30, check=True)
+    assert result.stdout.strip() == f"interpreter {__version__}"
+
+
+def test_no_command_prints_help_and_fails() -> None:
+    result = subprocess.run(INTERPRETER, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 2
+    assert "serve" in result.stdout
+    assert "doctor" in result.stdout
+
+
+@pytest.mark.nsjail
+def test_doctor_runs_a_real_jail_and_reports_each_runtime(work_dir: Path) -> None:
+    settings = make_settings(work_dir)
+    findings = {
+        f.check: f
+        for f in collect(settings, languages_dir=sandboxes_dir() / "languages", sandbox_venv=settings.sandbox_venv)
+    }
+    assert findings["nsjail"].level == "ok"
+    assert findings["namespaces"].level == "ok", findings["namespaces"].message
+    assert findings["cgroups"].level == "ok", findings["cgroups"].message
+    runtimes = {check for check in findings if check.startswith("runtime ")}
+    assert runtimes == {
+        f"runtime {code}" for code in ["py", "js", "ts", "go", "java", "c", "cpp", "php", "rs", "r", "f90", "d", "bash"]
+    }
+    if os.environ.get("CI") == "true":  # the install script puts every runtime in place
+        missing = {check: f.message for check, f in findings.items() if f.level == "fail"}
+        assert missing == {}
+
+
+def test_doctor_fails_and_explains_a_missing_nsjail(work_dir: Path) -> None:
+    env = cli_env(
+        NSJAIL_BINARY=str(work_dir / "missing-nsjail"),
+        SANDBOX_BASE_DIR=str(work_dir / "sb"),
+        DATA_DIR=str(work_dir / "data"),
+    )
+    result = subprocess.run(
+        [*INTERPRETER, "doctor"], env=env, capture_output=True, text=True, timeout=120, check=False, cwd=work_dir
+    )
+    assert result.returncode == 1
+    assert "FAIL  nsjail:" in result.stdout
+    assert "NSJAIL_BINARY" in result.stdout
+
+
+def test_doctor_reports_configured_stores_unreachable(work_dir: Path) -> None:
+    port = free_port()  # nothing listens there
+    settings = load_settings(
+        {
+            "REDIS_URL": f"redis://127.0.0.1:{port}/0",
+            "S3_ENDPOINT": f"127.0.0.1:{port}",
+            "SANDBOX_BASE_DIR": str(work_dir),
+        },
+        env_file=None,
+    )
+    findings = {f.check: f for f in collect(settings, languages_dir=work_dir, sandbox_venv=work_dir)}
+    assert findings["redis"].level == "fail"
+    assert findings["s3"].level == "fail"
+
+
+@pytest.mark.slow
+def test_server_logs_to_a_file_without_keys_or_query_strings(work_dir: Path) -> None:
+    port = free_port()
+    log_file = work_dir / "logs" / "server.log"
+    env = cli_env(
+        PORT=str(port),
+        API_HOST="127.0.0.1",
+        API_KEY=TEST_KEY,
+        SANDBOX_BASE_DIR=str(work_dir / "sb"),
+        DATA_DIR=str(work_dir / "data"),
+        LOG_FILE=str(log_file),
+        LOG_FORMAT="json",
+        ENABLE_ACCESS_LOGS="true",
+        LOG_LEVEL="INFO",
+    )
+    with subprocess.Popen(
+        [*INTERPRETER, "serve"], env=env, cwd=work_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    ) as proc:
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline
+                    assert proc.poll() is None
+                    time.sleep(0.1)
+            base = f"http://127.0.0.1:{port}"
+            httpx.get(f"{base}/health/detailed?api_key={TEST_KEY}", headers={"x-api-key": TEST_KEY + "-wrong"})
+            httpx.get(f"{base}/health/detailed", headers={"x-api-key": TEST_KEY})
+            httpx.get(f"{base}/nowhere?secret=hunter2", headers={"x-api-key": TEST_KEY})
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+    text = log_file.read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert TEST_KEY not in text
+    assert "hunter2" not in text
+    security = [line for line in lines if line["logger"] == "interpreter.security"]
+    assert security
+    assert security[0]["msg"] == "authentication failed"
+    assert security[0]["path"] == "/health/detailed"
+    access = [line for line in lines if line["logger"] == "interpreter.access"]
+    assert any('"GET /health/detailed' in line["msg"] for line in access)
+    request_lines = [line for line in lines if line["logger"] == "interpreter.http"]
+    assert {(line["path"], line["status"], line["level"]) for line in request_lines} >= {
+        ("/health/detailed", 401, "warning"),
+        ("/nowhere", 404, "warning"),
+    }
+    started = next(line for line in lines if line["msg"] == "starting")
+    assert started["settings"]["API_KEY"] == "***"
+    assert started["kv"] == "sqlite"
+    assert started["blobs"] == "dir"

@@ -1,0 +1,53 @@
+"""cgroup detection against fake sysfs trees (cgroup v2 cannot be exercised on these machines)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sandboxes.cgroups import detect_cgroups
+
+V1_HYBRID = """tmpfs {root} tmpfs rw,relatime,mode=755 0 0
+cgroup {root}/cpu cgroup rw,relatime,cpu 0 0
+cgroup {root}/memory cgroup rw,relatime,memory 0 0
+cgroup {root}/pids cgroup rw,relatime,pids 0 0
+cgroup {root}/systemd cgroup rw,relatime,name=systemd 0 0
+cgroup2 {root}/unified cgroup2 rw,relatime 0 0
+"""
+
+
+def fake(tmp_path: Path, table: str) -> tuple[Path, Path]:
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    mounts = tmp_path / "mounts"
+    mounts.write_text(table.format(root=root))
+    return root, mounts
+
+
+def test_hybrid_host_is_v1_not_v2(tmp_path: Path) -> None:
+    root, mounts = fake(tmp_path, V1_HYBRID)
+    for name in ("cpu", "memory", "pids", "systemd", "unified"):
+        (root / name).mkdir()
+    info = detect_cgroups(root, mounts)
+    assert info.version == 1
+    assert info.controllers == {"cpu", "memory", "pids"}
+    assert info.parent == root / "memory"
+    assert info.writable_parent
+
+
+def test_unified_v2(tmp_path: Path) -> None:
+    root, mounts = fake(tmp_path, "cgroup2 {root} cgroup2 rw,nosuid 0 0\n")
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    info = detect_cgroups(root, mounts)
+    assert info.version == 2
+    assert {"memory", "pids"} <= info.controllers
+    assert info.parent == root
+
+
+def test_no_cgroups(tmp_path: Path) -> None:
+    root, mounts = fake(tmp_path, "proc /proc proc rw 0 0\n")
+    assert detect_cgroups(root, mounts).version is None
+
+
+def test_this_machine_is_detected() -> None:
+    info = detect_cgroups()
+    assert info.version in (1, 2)
