@@ -1,0 +1,140 @@
+"""Benchmark of the bare server: start-up time, /health latency, and throughput at concurrency 10.
+
+Not a test: it writes figures to bench/report.json (section "foundation") for the README.
+Run: .venv/bin/python bench/foundation.py [--requests 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import trio
+
+REPORT = Path(__file__).resolve().parent / "report.json"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def start_server(port: int, key: str, work: Path) -> tuple[subprocess.Popen[bytes], float]:
+    env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_KEY_FILE")}
+    env.update(
+        PORT=str(port),
+        API_HOST="127.0.0.1",
+        API_KEY=key,
+        SANDBOX_BASE_DIR=str(work / "sb"),
+        DATA_DIR=str(work / "data"),
+        LOG_LEVEL="WARNING",
+    )
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "interpreter", "serve"],
+        env=env,
+        cwd=work,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    while True:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc, time.perf_counter() - started
+        except httpx.TransportError:
+            if proc.poll() is not None or time.perf_counter() - started > 30:
+                raise RuntimeError("server did not start") from None
+            time.sleep(0.01)
+
+
+async def sequential(url: str, n: int, headers: dict[str, str]) -> list[float]:
+    latencies = []
+    async with httpx.AsyncClient(timeout=10) as http:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            response = await http.get(url, headers=headers)
+            latencies.append((time.perf_counter() - t0) * 1000)
+            response.raise_for_status()
+    return latencies
+
+
+async def concurrent(url: str, n: int, concurrency: int) -> tuple[float, int]:
+    errors = 0
+    remaining = n
+
+    async def worker(http: httpx.AsyncClient) -> None:
+        nonlocal remaining, errors
+        while remaining > 0:
+            remaining -= 1
+            if (await http.get(url)).status_code != 200:
+                errors += 1
+
+    async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_connections=concurrency)) as http:
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(worker, http)
+        return n / (time.perf_counter() - t0), errors
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=1000)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    work.chmod(0o755)
+    key, port = secrets.token_urlsafe(24), free_port()
+    starts = []
+    for _ in range(3):
+        proc, seconds = start_server(port, key, work)
+        starts.append(seconds * 1000)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    proc, _ = start_server(port, key, work)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        health = trio.run(sequential, f"{base}/health", args.requests, {})
+        detailed = trio.run(sequential, f"{base}/health/detailed", 100, {"x-api-key": key})
+        rps, errors = trio.run(concurrent, f"{base}/health", args.requests, 10)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    section = {
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
+        "startup_to_health_ms_median": round(statistics.median(starts), 1),
+        "health_latency_ms": {"p50": round(percentile(health, 0.5), 2), "p95": round(percentile(health, 0.95), 2)},
+        "health_detailed_latency_ms": {
+            "p50": round(percentile(detailed, 0.5), 2),
+            "p95": round(percentile(detailed, 0.95), 2),
+        },
+        "health_throughput_rps_c10": round(rps, 1),
+        "errors": errors,
+        "requests": args.requests,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    report = json.loads(REPORT.read_text()) if REPORT.exists() else {}
+    report["foundation"] = section
+    REPORT.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(section, indent=2))
+
+
+if __name__ == "__main__":
+    main()
