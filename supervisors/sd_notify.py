@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable, Mapping
 from typing import NoReturn
 
@@ -24,8 +25,10 @@ class Notifier:
         self.address: str | None = None if path is None else ("\0" + path[1:] if path.startswith("@") else path)
         usec = environ.get("WATCHDOG_USEC", "")
         pid = environ.get("WATCHDOG_PID", "")
-        # WATCHDOG_PID, when set, names the process that must ping; honour it as systemd does.
-        mine = not pid or pid == str(os.getpid())
+        # WATCHDOG_PID, when set, names the process that must ping. In the one-file binary that is
+        # PyInstaller's bootloader, our parent (the unit then needs NotifyAccess=all).
+        ours = {str(os.getpid())} | ({str(os.getppid())} if getattr(sys, "frozen", False) else set())
+        mine = not pid or pid in ours
         self.watchdog_s: float | None = int(usec) / 1e6 if usec.isdigit() and int(usec) > 0 and mine else None
 
     @property
