@@ -24,9 +24,11 @@ from interpreter import __version__
 from interpreter.api.app import AppDeps, create_app
 from interpreter.auth.keys import KeyAuthenticator
 from interpreter.errors import SettingsError
+from interpreter.execution.setup import Execution, open_execution, sandbox_check
 from interpreter.health import CheckResult, HealthRegistry
 from interpreter.settings import DEFAULT_API_KEY, LOOPBACK_HOSTS, Settings
 from sandboxes.nsjail import locate_nsjail
+from supervisors import reaper
 from supervisors.sd_notify import Notifier, run_watchdog
 from supervisors.supervise import ServiceBoard, supervise
 
@@ -131,14 +133,6 @@ def register_base_checks(health: HealthRegistry, settings: Settings, board: Serv
     health.register("security", security_check, required=False)
 
 
-def prepare_directories(settings: Settings) -> None:
-    """Create the sandbox base directory with 0755 parents (bind sources need o+x on every parent)."""
-    try:
-        settings.sandbox_base_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SettingsError(f"SANDBOX_BASE_DIR: cannot create {settings.sandbox_base_dir}: {exc.strerror}") from None
-
-
 async def serve(
     settings: Settings,
     *,
@@ -175,22 +169,44 @@ async def serve(
             }
         },
     )
-    prepare_directories(settings)
     hyper = hypercorn_config(settings)
 
     board = ServiceBoard()
     health = HealthRegistry()
     register_base_checks(health, settings, board, warnings)
     authenticator = KeyAuthenticator(settings.all_api_keys, settings.master_api_key, settings.auth_enabled)
-    deps = AppDeps(health=health, authenticator=authenticator, started_at=started_at)
 
     async def stop_when_triggered() -> None:
         await shutdown_trigger()
         notifier.notify("STOPPING=1")
 
+    with open_execution(settings) as execution:
+        health.register("sandbox", partial(_async, sandbox_check, execution))
+        deps = AppDeps(
+            settings=settings,
+            health=health,
+            authenticator=authenticator,
+            started_at=started_at,
+            executor=execution.executor,
+            languages=execution.languages,
+        )
+        await _serve_with(
+            settings, deps, execution, board, notifier, hyper, stop_when_triggered, blueprints, task_status
+        )
+    log.info("stopped")
+
+
+async def _serve_with(
+    settings: Settings, deps: AppDeps, execution: Execution, board: ServiceBoard, notifier: Notifier,
+    hyper: HyperConfig, stop_when_triggered: ShutdownTrigger, blueprints: Iterable[Blueprint],
+    task_status: trio.TaskStatus[list[str]],
+) -> None:  # fmt: skip
     async with trio_asyncio.open_loop(), trio.open_nursery() as services:
         watchdog = partial(run_watchdog, notifier, board.healthy)
         await services.start(partial(supervise, watchdog, name="watchdog", board=board))
+        reaper_service = partial(reaper.run, execution.reaper, execution.runner.is_active)
+        await services.start(partial(supervise, reaper_service, name="reaper", board=board))
+        await services.start(partial(supervise, execution.executor.run, name="executor", board=board))
         # HTTP binds last and drains first: its nursery ends when hypercorn has drained.
         async with trio.open_nursery() as http:
             app = create_app(settings, deps, blueprints=blueprints)
@@ -201,4 +217,7 @@ async def serve(
             notifier.notify("READY=1")
             task_status.started(binds)
         services.cancel_scope.cancel()
-    log.info("stopped")
+
+
+async def _async(check: Callable[[Execution], CheckResult], execution: Execution) -> CheckResult:
+    return check(execution)

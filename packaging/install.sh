@@ -111,11 +111,12 @@ install_system_packages() {
 }
 
 install_typescript() {
-    if [ -x /usr/bin/tsc ]; then
+    # TypeScript and Node's type definitions (so programs may use process, require, Buffer, ...).
+    if [ -x /usr/bin/tsc ] && [ -d /usr/lib/node_modules/@types/node ]; then
         log "    $(/usr/bin/tsc --version) is installed"
         return
     fi
-    npm install -g --prefix /usr --no-fund --no-audit --loglevel=error typescript </dev/null
+    npm install -g --prefix /usr --no-fund --no-audit --loglevel=error typescript @types/node </dev/null
     log "    $(/usr/bin/tsc --version)"
 }
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -35,6 +39,13 @@ def open_dir(prefix: str = "interp-test-") -> Path:
 
 @pytest.fixture
 def work_dir() -> Iterator[Path]:
+    path = open_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def other_dir() -> Iterator[Path]:
     path = open_dir()
     yield path
     shutil.rmtree(path, ignore_errors=True)
@@ -110,3 +121,119 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         if os.environ.get("CI") == "true":
             pytest.fail("nsjail test cannot run: user namespaces are unavailable on this CI machine")
         pytest.skip("user namespaces are unavailable")
+
+
+class ServerProcess:
+    """A real ``interpreter serve`` process, shared by the tests of a module (DESIGN §10)."""
+
+    def __init__(self, base: Path, **env: str) -> None:
+        self.base = base
+        self.key = TEST_KEY
+        self.port = free_port()
+        # A uid range of its own, so a test can tell this server's sandbox processes from any other's.
+        self.uid = 30000 + secrets.randbelow(20000)
+        self.env = cli_env(
+            PORT=str(self.port), API_HOST="127.0.0.1", API_KEY=self.key, SANDBOX_BASE_DIR=str(base / "sandboxes"),
+            DATA_DIR=str(base / "data"), SANDBOX_UID=str(self.uid), LOG_FORMAT="json", LOG_LEVEL="INFO",
+            LOG_FILE=str(base / "server.log"), SHUTDOWN_GRACE_SECONDS="5", **env,
+        )  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"x-api-key": self.key}
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "interpreter", "serve"],
+            env=self.env,
+            cwd=self.base,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{self.url}/health", timeout=2).raise_for_status()
+                return
+            except httpx.TransportError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not start:\n{self.log_tail()}") from None
+                time.sleep(0.05)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+    def log_tail(self, n: int = 40) -> str:
+        path = self.base / "server.log"
+        return "\n".join(path.read_text().splitlines()[-n:]) if path.exists() else ""
+
+    def exec(self, code: str, lang: str, timeout_s: float = 120, **fields: object) -> dict[str, Any]:
+        """POST /exec and return the JSON (keepalive whitespace is part of a valid JSON body)."""
+        response = httpx.post(
+            f"{self.url}/exec", json={"code": code, "lang": lang, **fields}, headers=self.headers, timeout=timeout_s
+        )
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    def healthy(self) -> bool:
+        return httpx.get(f"{self.url}/health/detailed", headers=self.headers, timeout=10).status_code == 200
+
+    def leftovers(self) -> dict[str, list[str]]:
+        """What runs left behind: run directories, nsjail cgroups, processes of the sandbox uid."""
+        runs = self.base / "sandboxes" / "runs"
+        from sandboxes.host import cgroup_parent_name
+
+        parent = cgroup_parent_name(self.base / "sandboxes")
+        cgroups = [
+            str(child)
+            for controller in ("memory", "pids")
+            if (Path("/sys/fs/cgroup") / controller / parent).is_dir()
+            for child in (Path("/sys/fs/cgroup") / controller / parent).iterdir()
+            if child.is_dir()
+        ]
+        processes = []
+        for status in Path("/proc").glob("[0-9]*/status"):
+            try:
+                text = status.read_text()
+            except OSError:
+                continue
+            uid_line = next((line for line in text.splitlines() if line.startswith("Uid:")), "")
+            if str(self.uid) in uid_line.split()[1:2]:
+                processes.append(status.parent.name)
+        return {
+            "run_dirs": [p.name for p in runs.iterdir()] if runs.is_dir() else [],
+            "cgroups": cgroups,
+            "processes": processes,
+        }
+
+    def wait_clean(self, timeout_s: float = 10) -> dict[str, list[str]]:
+        """Leftovers once the last run has had time to clean up (empty lists when all is well)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = self.leftovers()
+            if not any(found.values()) or time.monotonic() > deadline:
+                return found
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    """One real server per test module, with this machine's runtimes and nsjail."""
+    base = open_dir("interp-server-")
+    instance = ServerProcess(base, MAX_EXECUTION_TIME="20", SANDBOX_CLEANUP_INTERVAL_MINUTES="1")
+    instance.start()
+    yield instance
+    instance.stop()
+    shutil.rmtree(base, ignore_errors=True)

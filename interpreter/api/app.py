@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from quart import Blueprint, Response, g, jsonify, request
@@ -16,8 +16,10 @@ from interpreter.api.envelope import envelope
 from interpreter.auth.keys import KeyAuthenticator
 from interpreter.auth.principals import Principal
 from interpreter.errors import AuthenticationFailed, InterpreterError, UnsupportedMediaType
+from interpreter.execution.executor import Executor
 from interpreter.health import HealthRegistry
 from interpreter.settings import Settings
+from sandboxes.languages import LanguageSpec
 
 log = logging.getLogger("interpreter.api")
 security_log = logging.getLogger("interpreter.security")
@@ -34,10 +36,12 @@ UPLOAD_PATHS = ("/upload",)
 class AppDeps:
     """What the routes need from the rest of the process; main.py fills it in."""
 
+    settings: Settings
     health: HealthRegistry
     authenticator: KeyAuthenticator
     started_at: float
-    extra: dict[str, Any] = field(default_factory=dict)
+    executor: Executor
+    languages: Mapping[str, LanguageSpec]
 
 
 def current_principal() -> Principal:
@@ -54,7 +58,7 @@ def create_app(settings: Settings, deps: AppDeps, *, blueprints: Iterable[Bluepr
 
     ``blueprints`` are the feature routers of later components (exec, files, admin, ...).
     """
-    from interpreter.api import health, openapi
+    from interpreter.api import execute, health, openapi  # imported here: they import this module
 
     app = QuartTrio("interpreter")
     app.config.update(
@@ -62,10 +66,10 @@ def create_app(settings: Settings, deps: AppDeps, *, blueprints: Iterable[Bluepr
         PROVIDE_AUTOMATIC_OPTIONS=False,  # OPTIONS is CORS' business; without CORS it is a 405
         PROPAGATE_EXCEPTIONS=False,
         BODY_TIMEOUT=60,
+        RESPONSE_TIMEOUT=None,  # runs may take MAX_EXECUTION_TIME; keepalives keep the client waiting
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["deps"] = deps
-    app.extensions["settings"] = settings
 
     @app.before_request
     async def content_type_gate() -> None:
@@ -123,6 +127,7 @@ def create_app(settings: Settings, deps: AppDeps, *, blueprints: Iterable[Bluepr
         return _envelope_response(500, "An unexpected error occurred")
 
     app.register_blueprint(health.blueprint)
+    app.register_blueprint(execute.blueprint)
     if settings.enable_docs:
         app.register_blueprint(openapi.blueprint)
     for blueprint in blueprints:

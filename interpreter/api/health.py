@@ -12,7 +12,6 @@ from interpreter.api.app import AppDeps
 from interpreter.api.models import DetailedHealth, Health
 from interpreter.api.openapi import documented
 from interpreter.errors import NotFound
-from interpreter.settings import Settings
 
 blueprint = Blueprint("health", __name__)
 
@@ -52,7 +51,12 @@ async def health_detailed() -> Response:
     "Effective settings, secrets redacted (only with API_DEBUG)", tag="health", errors={404: "API_DEBUG is off"}
 )
 async def config() -> dict[str, Any]:
-    settings: Settings = current_app.extensions["settings"]
+    settings = _deps().settings
     if not settings.api_debug:
         raise NotFound()
-    return {"debug": True, "version": __version__, "settings": settings.redacted()}
+    return {
+        "debug": True,
+        "version": __version__,
+        "languages": sorted(_deps().languages),
+        "settings": settings.redacted(),
+    }

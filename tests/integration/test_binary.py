@@ -37,9 +37,22 @@ def binary(build_dir: Path) -> Path:
     log = build_dir / "pyinstaller.log"
     with log.open("wb") as out:
         result = subprocess.run(
-            [sys.executable, "-m", "PyInstaller", "interpreter.spec", "--noconfirm",
-             "--distpath", str(build_dir / "dist"), "--workpath", str(build_dir / "build")],
-            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT_S, check=False,
+            [
+                sys.executable,
+                "-m",
+                "PyInstaller",
+                "interpreter.spec",
+                "--noconfirm",
+                "--distpath",
+                str(build_dir / "dist"),
+                "--workpath",
+                str(build_dir / "build"),
+            ],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=BUILD_TIMEOUT_S,
+            check=False,
         )
     assert result.returncode == 0, log.read_text(errors="replace")[-4000:]
     path = build_dir / "dist" / "interpreter"

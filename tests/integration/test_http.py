@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from quart import Blueprint
 
 from interpreter.api.bodies import json_body
 from interpreter.errors import RateLimited
+from sandboxes.nsjail import locate_nsjail
 from tests.conftest import KEY_HEADERS, TEST_KEY, client, make_settings, running_server
 
 MASTER = "master-key-for-tests-0123456789"
@@ -245,9 +247,13 @@ async def test_detailed_health_shape(base_url: str) -> None:
     assert body["summary"]["total_services"] == len(body["services"])
 
 
-async def test_detailed_health_is_503_when_nsjail_is_missing(work_dir: Path) -> None:
-    settings = make_settings(work_dir, NSJAIL_BINARY=str(work_dir / "no-nsjail"))
+async def test_detailed_health_is_503_when_nsjail_disappears(work_dir: Path) -> None:
+    copy = work_dir / "nsjail-copy"
+    shutil.copy2(locate_nsjail(), copy)
+    settings = make_settings(work_dir, NSJAIL_BINARY=str(copy))
     async with running_server(settings) as (url, _), client(url, headers=KEY_HEADERS) as http:
+        assert (await http.get("/health/detailed")).status_code == 200
+        copy.unlink()
         response = await http.get("/health/detailed")
         assert response.status_code == 503
         body = response.json()
@@ -268,7 +274,7 @@ async def test_security_posture_degrades_health(work_dir: Path) -> None:
     assert any("ENABLE_NETWORK_ISOLATION" in w for w in security["details"]["warnings"])
 
 
-async def test_config_needs_api_debug_and_a_key_and_hides_secrets(base_url: str, work_dir: Path) -> None:
+async def test_config_needs_api_debug_and_a_key_and_hides_secrets(base_url: str, other_dir: Path) -> None:
     async with client(base_url) as http:
         assert_envelope(await http.get("/config"), 401, "authentication")
         response = await http.get("/config", headers=KEY_HEADERS)
@@ -279,12 +285,12 @@ async def test_config_needs_api_debug_and_a_key_and_hides_secrets(base_url: str,
     assert TEST_KEY not in response.text
     assert MASTER not in response.text
     assert OTHER_KEY not in response.text
-    off = make_settings(work_dir)
+    off = make_settings(other_dir)  # a second instance needs its own SANDBOX_BASE_DIR (instance lock)
     async with running_server(off) as (url, _), client(url, headers=KEY_HEADERS) as http:
         assert_envelope(await http.get("/config"), 404, "resource_not_found")
 
 
-async def test_docs_and_openapi(base_url: str, work_dir: Path) -> None:
+async def test_docs_and_openapi(base_url: str, other_dir: Path) -> None:
     async with client(base_url) as http:
         spec = (await http.get("/openapi.json")).json()
         assert spec["openapi"].startswith("3.")
@@ -299,7 +305,7 @@ async def test_docs_and_openapi(base_url: str, work_dir: Path) -> None:
         script = await http.get("/docs/docs.js")
         assert script.status_code == 200
         assert "/openapi.json" in script.text
-    async with running_server(make_settings(work_dir, ENABLE_DOCS="false")) as (url, _), client(url) as http:
+    async with running_server(make_settings(other_dir, ENABLE_DOCS="false")) as (url, _), client(url) as http:
         assert (await http.get("/openapi.json")).status_code in (401, 404)
         assert (await http.get("/docs", headers=KEY_HEADERS)).status_code == 404
 

@@ -1,0 +1,1 @@
+"""Running programs: host preparation, the nsjail runner, admission control."""

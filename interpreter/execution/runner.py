@@ -1,0 +1,288 @@
+"""One run of one program in a fresh jail: run directory, nsjail, output as it arrives, a status.
+
+Output chunks go to ``on_output(stream, bytes)`` as they arrive, already capped, so ``/exec`` can
+join them and streaming can forward them. A program that fails, times out, runs out of memory or
+floods its output is a *result*; only a jail that cannot start is an error (``SandboxBroken``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import trio
+
+from interpreter.errors import ServiceUnavailable
+from sandboxes.host import HostLayout, mount_tmpfs, remove_run_dir
+from sandboxes.jail import Cgroups, Identity, Limits, RunPaths, build_argv
+from sandboxes.languages import LanguageSpec, source_name
+
+log = logging.getLogger("interpreter.execution")
+
+Status = Literal["ok", "error", "timeout", "memory_limit", "output_limit", "killed"]
+OnOutput = Callable[[str, bytes], Awaitable[None]]
+KILL_GRACE_S = 0.5  # nsjail kills and reaps the jailed tree on SIGTERM; SIGKILL only if that hangs
+BACKSTOP_S = 3  # host-side timer beyond nsjail's own --time_limit
+CLEANUP_S = 5
+DRAIN_S = 2
+READ_SIZE = 64 * 1024
+
+_TIME_LIMIT = re.compile(r"run time >= time limit")
+_SIGNALLED = re.compile(r"terminated with signal: (SIG\w+)")
+_EXECUTING = "Executing '"
+
+
+class SandboxBroken(ServiceUnavailable):
+    """The jail itself could not be set up (not the program's fault)."""
+
+    message = "The sandbox could not be started"
+
+
+@dataclass(frozen=True)
+class Job:
+    language: LanguageSpec
+    code: str
+    args: tuple[str, ...] = ()
+    stdin: bytes | None = None
+    timeout_s: int = 30
+
+
+@dataclass
+class RunResult:
+    status: Status
+    exit_code: int | None
+    stdout: bytes
+    stderr: bytes
+    truncated: bool
+    duration_ms: int
+    signal: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    nsjail: os.PathLike[str] | str
+    layout: HostLayout
+    venv: os.PathLike[str] | str
+    runtime_etc: tuple[str, ...]
+    identity: Identity
+    cgroups: Cgroups | None
+    memory_bytes: int
+    run_dir_bytes: int
+    tmp_bytes: int
+    fsize_mib: int
+    output_cap_bytes: int
+    network: bool = False
+
+
+class _Capture:
+    """Collects one stream up to the cap; reports whether the cap was hit."""
+
+    def __init__(self, name: str, cap: int, on_output: OnOutput | None) -> None:
+        self.name, self.cap, self.on_output = name, cap, on_output
+        self.data = bytearray()
+        self.overflowed = trio.Event()
+
+    async def pump(self, stream: trio.abc.ReceiveStream) -> None:
+        while chunk := await stream.receive_some(READ_SIZE):
+            room = self.cap - len(self.data)
+            if room <= 0:
+                self.overflowed.set()
+                return
+            kept = chunk[:room]
+            self.data += kept
+            if self.on_output is not None:
+                await self.on_output(self.name, bytes(kept))
+            if len(chunk) > room:
+                self.overflowed.set()
+                return
+
+
+class Runner:
+    def __init__(self, config: RunnerConfig) -> None:
+        self.config = config
+        self.active: set[Path] = set()  # run directories in use; the reaper leaves these alone
+
+    def is_active(self, run_dir: Path) -> bool:
+        return run_dir in self.active
+
+    def limits_for(self, spec: LanguageSpec, timeout_s: int) -> Limits:
+        return Limits(
+            wall_s=max(1, round(timeout_s * spec.timeout_multiplier)),
+            memory_bytes=int(self.config.memory_bytes * spec.memory_multiplier),
+            pids=spec.pids,
+            fsize_mib=self.config.fsize_mib,
+            tmp_bytes=self.config.tmp_bytes,
+            network=self.config.network,
+        )
+
+    async def run(self, job: Job, on_output: OnOutput | None = None) -> RunResult:
+        cfg = self.config
+        run_dir = cfg.layout.runs / secrets.token_hex(8)
+        self.active.add(run_dir)
+        try:
+            run_dir.mkdir(mode=0o700)
+            mount_tmpfs(run_dir, cfg.run_dir_bytes, cfg.identity.uid, cfg.identity.gid)
+            source, main = source_name(job.language, job.code)
+            _write_source(run_dir / source, job.code, cfg.identity)
+            limits = self.limits_for(job.language, job.timeout_s)
+            return await self._run_jail(job, limits, run_dir, source, main, on_output)
+        finally:
+            with trio.move_on_after(CLEANUP_S, shield=True):
+                await trio.to_thread.run_sync(remove_run_dir, run_dir)
+            self.active.discard(run_dir)
+
+    async def _run_jail(
+        self, job: Job, limits: Limits, run_dir: os.PathLike[str], source: str, main: str, on_output: OnOutput | None
+    ) -> RunResult:
+        cfg = self.config
+        log_read, log_write = os.pipe()
+        paths = RunPaths(
+            nsjail=cfg.nsjail,  # type: ignore[arg-type]
+            run_dir=run_dir,  # type: ignore[arg-type]
+            etc_dir=cfg.layout.etc,
+            venv=cfg.venv,  # type: ignore[arg-type]
+            runtime_etc=cfg.runtime_etc,
+            log_fd=log_write,
+        )
+        argv = build_argv(
+            job.language, limits, paths, cfg.identity, cfg.cgroups, source=source, main=main, args=job.args
+        )
+        started = time.monotonic()
+        try:
+            proc = await trio.lowlevel.open_process(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                pass_fds=(log_write,), env={"PATH": "/usr/bin:/bin"}, start_new_session=True,
+            )  # fmt: skip
+        finally:
+            os.close(log_write)
+        out = _Capture("stdout", cfg.output_cap_bytes, on_output)
+        err = _Capture("stderr", cfg.output_cap_bytes, on_output)
+        jail_log = bytearray()
+        timed_out = flooded = cancelled = False
+        try:
+            async with trio.open_nursery() as nursery:
+                assert proc.stdout is not None
+                assert proc.stderr is not None
+                assert proc.stdin is not None
+                nursery.start_soon(_feed_stdin, proc.stdin, job.stdin)
+
+                async def stop_on_flood() -> None:
+                    nonlocal flooded
+                    async with trio.open_nursery() as race:
+                        for capture in (out, err):
+                            race.start_soon(_set_then_cancel, capture.overflowed, race.cancel_scope)
+                    flooded = True
+                    await _stop(proc)
+
+                nursery.start_soon(stop_on_flood)
+                async with trio.open_nursery() as readers:
+                    readers.start_soon(out.pump, proc.stdout)
+                    readers.start_soon(err.pump, proc.stderr)
+                    readers.start_soon(_read_all, trio.lowlevel.FdStream(log_read), jail_log)
+                    with trio.move_on_after(limits.wall_s + BACKSTOP_S) as backstop:
+                        await proc.wait()
+                    if backstop.cancelled_caught:
+                        timed_out = True
+                        await _stop(proc)
+                    # The jail is gone, so the pipes are closing: let the readers take what is left in them.
+                    readers.cancel_scope.deadline = trio.current_time() + DRAIN_S
+                nursery.cancel_scope.cancel()
+        except trio.Cancelled:
+            cancelled = True
+            raise
+        finally:
+            if proc.returncode is None:
+                with trio.move_on_after(CLEANUP_S, shield=True):
+                    await _stop(proc)
+            if cancelled:
+                log.info("run cancelled")
+        duration_ms = int((time.monotonic() - started) * 1000)
+        text = jail_log.decode(errors="replace")
+        if _EXECUTING not in text:
+            log.error("nsjail could not start the jail", extra={"fields": {"jail_log": text[-2000:]}})
+            raise SandboxBroken()
+        return _classify(proc.returncode, text, limits, timed_out, flooded, out, err, duration_ms)
+
+
+def _classify(
+    returncode: int | None, jail_log: str, limits: Limits, timed_out: bool, flooded: bool,
+    out: _Capture, err: _Capture, duration_ms: int,
+) -> RunResult:  # fmt: skip
+    signalled = _SIGNALLED.search(jail_log)
+    signal_name = signalled.group(1) if signalled else None
+    status: Status
+    notes: list[str] = []
+    if flooded:
+        status = "output_limit"
+        notes.append(f"Output exceeded the limit of {out.cap} bytes per stream; the program was stopped.")
+    elif timed_out or _TIME_LIMIT.search(jail_log):
+        status = "timeout"
+        notes.append(f"Execution timed out after {limits.wall_s} s.")
+    elif signal_name == "SIGKILL":
+        # Inside its PID namespace the program is init and cannot be SIGKILLed by itself; the time limit
+        # is logged above; what is left is the cgroup's OOM killer.
+        status = "memory_limit"
+        notes.append(f"The program was killed: it exceeded the memory limit of {limits.memory_bytes // 2**20} MiB.")
+    elif returncode == 0:
+        status = "ok"
+    else:
+        status = "error"
+    return RunResult(
+        status=status, exit_code=returncode, stdout=bytes(out.data), stderr=bytes(err.data),
+        truncated=flooded, duration_ms=duration_ms, signal=signal_name, notes=notes,
+    )  # fmt: skip
+
+
+async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+async def _read_all(stream: trio.lowlevel.FdStream, into: bytearray) -> None:
+    async with stream:
+        while chunk := await stream.receive_some(READ_SIZE):
+            if len(into) < 1 << 20:  # nsjail's own log; bounded in case of a pathological run
+                into += chunk
+
+
+async def _feed_stdin(stream: trio.abc.SendStream, data: bytes | None) -> None:
+    """Feed the user's stdin, then EOF. A program that exits without reading it is not an error."""
+    try:
+        async with stream:
+            if data:
+                await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def _stop(proc: trio.Process) -> None:
+    """SIGTERM nsjail (it kills the jailed tree and removes its cgroups), SIGKILL if it lingers."""
+    if proc.returncode is not None:
+        return
+    proc.terminate()
+    with trio.move_on_after(KILL_GRACE_S):
+        await proc.wait()
+        return
+    proc.kill()
+    await proc.wait()
+
+
+def _write_source(path: os.PathLike[str], code: str, identity: Identity) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        os.fchown(fd, identity.uid, identity.gid)
+        data = code.encode("utf-8", errors="surrogatepass")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)

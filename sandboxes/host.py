@@ -1,0 +1,133 @@
+"""Host-side preparation for jails: the instance lock, run directories, generated /etc, cgroup parents.
+
+Run directories are tmpfs mounts of MAX_RUN_DIR_MB made by the host under
+``<SANDBOX_BASE_DIR>/runs``: filling one gives the program ENOSPC, and removing one is an unmount,
+which never follows anything a sandbox planted inside.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from sandboxes.cgroups import detect_cgroups
+from sandboxes.jail import RUNTIME_ETC, Cgroups
+
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MNT_DETACH = 2
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+class HostError(Exception):
+    """The host cannot prepare a jail (not root, no tmpfs, lock held, ...)."""
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+
+
+def mount_tmpfs(path: Path, size_bytes: int, uid: int, gid: int) -> None:
+    options = f"size={size_bytes},mode=0700,uid={uid},gid={gid}".encode()
+    # noexec is deliberately off: compiled programs run from /tmp, scripts may exec files they write.
+    _check(_libc.mount(b"tmpfs", str(path).encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options), "mount tmpfs")
+
+
+def unmount(path: Path) -> None:
+    """Lazy unmount; a path that is not a mount point is fine."""
+    if _libc.umount2(str(path).encode(), MNT_DETACH) != 0 and ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):
+        code = ctypes.get_errno()
+        raise OSError(code, f"umount: {os.strerror(code)}")
+
+
+def remove_run_dir(path: Path) -> None:
+    """Unmount the run's tmpfs and remove the (now empty) mount point. Never walks the sandbox's files."""
+    unmount(path)
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        # Not a tmpfs after all (a crash between mkdir and mount leaves an empty dir; anything else is
+        # unexpected): remove without following links.
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class HostLayout:
+    base: Path
+    runs: Path
+    etc: Path
+    lock: Path
+
+    @classmethod
+    def under(cls, base: Path) -> HostLayout:
+        return cls(base=base, runs=base / "runs", etc=base / ".runtime" / "etc", lock=base / ".lock")
+
+
+def prepare_layout(layout: HostLayout, uid: int, gid: int) -> None:
+    """Create the directories (0755: bind sources need o+x on every parent) and the generated /etc."""
+    for directory in (layout.base, layout.runs, layout.etc.parent, layout.etc):
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        directory.chmod(0o755)
+    files = {
+        "passwd": f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\nsandbox:x:{uid}:{gid}:sandbox:/tmp:/bin/sh\n",
+        "group": f"root:x:0:\nsandbox:x:{gid}:\n",
+        "hosts": "127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+        "resolv.conf": "# no network in the sandbox\n",
+    }
+    for name, text in files.items():
+        target = layout.etc / name
+        temporary = target.with_suffix(".tmp")
+        temporary.write_text(text)
+        temporary.chmod(0o644)
+        temporary.replace(target)
+
+
+def take_instance_lock(path: Path) -> int:
+    """An exclusive flock held for the life of the process; a second instance on the same base refuses to start."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise HostError(f"another instance is using {path.parent} (its lock is held)") from None
+    return fd
+
+
+def cgroup_parent_name(base: Path) -> str:
+    """Named after a hash of SANDBOX_BASE_DIR, so two instances never share (or reap) each other's cgroups."""
+    return "interpreter-" + hashlib.sha256(str(base.resolve()).encode()).hexdigest()[:12]
+
+
+def prepare_cgroups(base: Path, root: Path = Path("/sys/fs/cgroup")) -> Cgroups | None:
+    """Create our parent cgroup(s); None when cgroups are unusable (doctor explains why)."""
+    info = detect_cgroups(root)
+    name = cgroup_parent_name(base)
+    if info.version == 1 and {"memory", "pids"} <= info.controllers and info.writable_parent:
+        for controller in ("memory", "pids"):
+            (root / controller / name).mkdir(exist_ok=True)
+        swap = (root / "memory" / name / "memory.memsw.limit_in_bytes").exists()
+        return Cgroups(version=1, parent=name, root=root, swap_accounting=swap)
+    if info.version == 2 and {"memory", "pids"} <= info.controllers and info.writable_parent:
+        parent = root / name
+        parent.mkdir(exist_ok=True)
+        # Children of `parent` get memory and pids limits only if the controllers are delegated down to it.
+        for level in (root, parent):
+            control = level / "cgroup.subtree_control"
+            if control.exists():
+                control.write_text("+memory +pids")
+        return Cgroups(version=2, parent=name, root=root)
+    return None
+
+
+def existing_runtime_etc(candidates: tuple[str, ...] = RUNTIME_ETC) -> tuple[str, ...]:
+    return tuple(path for path in candidates if os.path.exists(path))

@@ -1,0 +1,169 @@
+"""The nsjail command line of one run: a pure function of the language, the limits and the paths.
+
+What each flag is for is written beside it; the facts behind the runtime mounts come from
+jail-runtimes.md (measured on this kind of machine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from sandboxes.languages import LanguageSpec
+
+# Host configuration a runtime needs, bound read-only when present (jail-runtimes.md §3). Nothing else of
+# the host's /etc is visible: no shadow, ssh, ssl keys or anything holding secrets.
+RUNTIME_ETC = (
+    "/etc/alternatives",  # cc, c++, java, javac, php, which, libblas/liblapack go through it (links only)
+    "/etc/java-17-openjdk",  # the JDK's conf/ and security/ are links into it; javac fails without
+    "/etc/php",  # php.ini and the module ini files
+    "/etc/R",  # R's ldpaths, Renviron, Rprofile.site
+    "/etc/ldc2.conf",  # where ldc2 finds druntime and phobos
+    "/etc/fonts",  # quiets fontconfig during matplotlib's font scan
+)
+
+# seccomp deny-list (kafel). Each family is something a sandbox has no business doing: debugging or
+# reading other processes, changing mounts or namespaces, loading kernel code, kernel keyrings, io_uring
+# (a history of escapes), TIOCSTI (typing into another terminal). clone with any CLONE_NEW* flag is EPERM;
+# clone3 is ENOSYS because seccomp cannot read its flags, and glibc then falls back to clone.
+CLONE_NEW_FLAGS = 0x7E020080  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET|NEWTIME
+TIOCSTI = 0x5412
+DENIED_SYSCALLS = (
+    "ptrace", "process_vm_readv", "process_vm_writev",
+    "mount", "umount", "pivot_root", "chroot", "open_tree", "move_mount", "fsopen", "fsmount", "fsconfig",
+    "fspick", "mount_setattr", "unshare", "setns",
+    "bpf", "perf_event_open", "userfaultfd",
+    "keyctl", "add_key", "request_key",
+    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load",
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "kcmp", "pidfd_getfd", "name_to_handle_at", "open_by_handle_at",
+    "quotactl", "swapon", "swapoff", "reboot", "acct", "syslog", "lookup_dcookie",
+)  # fmt: skip
+SECCOMP_POLICY = (
+    "ERRNO(1) { "
+    + ", ".join(DENIED_SYSCALLS)
+    + f", clone(flags) {{ (flags & {CLONE_NEW_FLAGS:#x}) != 0 }}"
+    + f", ioctl(fd, cmd) {{ (cmd & 0xffffffff) == {TIOCSTI:#x} }}"
+    + " } ERRNO(38) { clone3 } DEFAULT ALLOW"
+)
+
+BASE_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    wall_s: int
+    memory_bytes: int
+    pids: int
+    fsize_mib: int
+    tmp_bytes: int
+    shm_bytes: int = 64 * 1024 * 1024
+    nofile: int = 256  # R needs >= 167
+    max_cpus: int = 2  # Go, the JVM and V8 size their thread pools by CPU count; keeps pids bounded
+    network: bool = False  # True shares the host network (ENABLE_NETWORK_ISOLATION=false)
+
+
+@dataclass(frozen=True)
+class Cgroups:
+    version: Literal[1, 2]
+    parent: str  # our parent cgroup's name (v1) or path below the v2 mount
+    root: Path = Path("/sys/fs/cgroup")
+    swap_accounting: bool = True  # v1: memory.memsw.* exists
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    nsjail: Path
+    run_dir: Path  # host side, mounted at /mnt/data
+    etc_dir: Path  # generated passwd, group, hosts, resolv.conf
+    venv: Path
+    runtime_etc: tuple[str, ...] = field(default_factory=tuple)  # which RUNTIME_ETC entries exist here
+    log_fd: int | None = None
+
+
+@dataclass(frozen=True)
+class Identity:
+    uid: int
+    gid: int
+
+
+def heap_mib(limits: Limits) -> int:
+    """A managed-heap cap (JVM, V8) well below the cgroup limit, so running out is the runtime's own error."""
+    return max(64, int(limits.memory_bytes / 1024 / 1024 * 0.75))
+
+
+def jail_command(spec: LanguageSpec, limits: Limits, paths: RunPaths, source: str, main: str) -> str:
+    return spec.command.format(source=source, main=main, heap_mib=heap_mib(limits), venv=paths.venv)
+
+
+def build_argv(
+    spec: LanguageSpec,
+    limits: Limits,
+    paths: RunPaths,
+    identity: Identity,
+    cgroups: Cgroups | None,
+    *,
+    source: str,
+    main: str = "",
+    args: tuple[str, ...] = (),
+) -> list[str]:
+    """The full nsjail argv for one run of ``spec``. Pure: reads nothing but its arguments."""
+    argv = [
+        str(paths.nsjail),
+        "--mode", "o",  # once: one process tree, then exit with its status
+        "--hostname", "sandbox",
+        "--user", f"{identity.uid}:{identity.uid}",  # both halves: a bare uid would map to root outside
+        "--group", f"{identity.gid}:{identity.gid}",
+        "--cwd", "/mnt/data",
+        # Root is nsjail's empty tmpfs; /usr (merged-usr) holds every runtime.
+        "--bindmount_ro", "/usr",
+        "--tmpfsmount", "/usr/local",  # after /usr: hides the host's /usr/local
+        "--symlink", "usr/bin:/bin", "--symlink", "usr/lib:/lib", "--symlink", "usr/lib64:/lib64",
+        "--bindmount", "/dev/null", "--bindmount_ro", "/dev/urandom", "--bindmount_ro", "/dev/zero",
+        "--mount", f"none:/tmp:tmpfs:size={limits.tmp_bytes}",
+        "--mount", f"none:/dev/shm:tmpfs:size={limits.shm_bytes}",
+        "--bindmount_ro", str(paths.venv),
+    ]  # fmt: skip
+    for etc in paths.runtime_etc:
+        argv += ["--bindmount_ro", etc]
+    for name in ("passwd", "group", "hosts", "resolv.conf"):
+        argv += ["--bindmount_ro", f"{paths.etc_dir / name}:/etc/{name}"]
+    argv += ["--bindmount", f"{paths.run_dir}:/mnt/data"]
+    for key, value in {**BASE_ENV, **spec.env}.items():
+        argv += ["--env", f"{key}={value.format(venv=paths.venv)}"]
+    argv += [
+        "--time_limit", str(limits.wall_s),
+        "--rlimit_cpu", str(limits.wall_s * max(1, limits.max_cpus)),
+        "--rlimit_as", "inf",  # memory is the cgroup's job; an address-space cap breaks the JVM
+        "--rlimit_fsize", str(limits.fsize_mib),
+        "--rlimit_nofile", str(limits.nofile),
+        "--rlimit_core", "0",
+        "--max_cpus", str(limits.max_cpus),
+        "--seccomp_string", SECCOMP_POLICY,
+    ]  # fmt: skip
+    if limits.network:
+        argv.append("--disable_clone_newnet")
+    if paths.log_fd is not None:
+        argv += ["--log_fd", str(paths.log_fd)]
+    if cgroups is not None:
+        argv += cgroup_args(cgroups, limits)
+    command = jail_command(spec, limits, paths, source, main)
+    return [*argv, "--", "/bin/sh", "-c", command, "sh", *args]
+
+
+def cgroup_args(cgroups: Cgroups, limits: Limits) -> list[str]:
+    if cgroups.version == 2:
+        # nsjail creates NSJAIL.<pid> below this directory and writes memory.max / pids.max there.
+        return [
+            "--use_cgroupv2", "--cgroupv2_mount", str(cgroups.root / cgroups.parent),
+            "--cgroup_mem_max", str(limits.memory_bytes), "--cgroup_mem_swap_max", "0",
+            "--cgroup_pids_max", str(limits.pids),
+        ]  # fmt: skip
+    return [
+        "--cgroup_mem_max", str(limits.memory_bytes),
+        *(["--cgroup_mem_memsw_max", str(limits.memory_bytes)] if cgroups.swap_accounting else []),  # no swap
+        "--cgroup_mem_mount", str(cgroups.root / "memory"), "--cgroup_mem_parent", cgroups.parent,
+        "--cgroup_pids_max", str(limits.pids),
+        "--cgroup_pids_mount", str(cgroups.root / "pids"), "--cgroup_pids_parent", cgroups.parent,
+    ]  # fmt: skip

@@ -1,0 +1,2 @@
+<?php
+echo "hello from php " . (2 + 2) . "\n";
