@@ -108,9 +108,11 @@ def cgroup_parent_name(base: Path) -> str:
     return "interpreter-" + hashlib.sha256(str(base.resolve()).encode()).hexdigest()[:12]
 
 
-def prepare_cgroups(base: Path, root: Path = Path("/sys/fs/cgroup")) -> Cgroups | None:
+def prepare_cgroups(
+    base: Path, root: Path = Path("/sys/fs/cgroup"), mounts_file: Path = Path("/proc/self/mounts")
+) -> Cgroups | None:
     """Create our parent cgroup(s); None when cgroups are unusable (doctor explains why)."""
-    info = detect_cgroups(root)
+    info = detect_cgroups(root, mounts_file)
     name = cgroup_parent_name(base)
     if info.version == 1 and {"memory", "pids"} <= info.controllers and info.writable_parent:
         for controller in ("memory", "pids"):

@@ -183,3 +183,25 @@ def test_concurrent_runs_are_isolated_and_all_complete(server: ServerProcess) ->
     # Each run saw only its own file (and its source): a private /mnt/data per run.
     assert outputs == {i: f"{i}\n2\n" for i in range(8)}
     assert server.wait_clean() == {"run_dirs": [], "cgroups": [], "processes": []}
+
+
+def test_network_isolation_off_shares_the_host_network() -> None:
+    """ENABLE_NETWORK_ISOLATION=false means what an operator expects: the host's network (with a loud warning)."""
+    import socket
+
+    base = open_dir("interp-net-")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    shared = ServerProcess(base, ENABLE_NETWORK_ISOLATION="false")
+    shared.start()
+    try:
+        code = f"exec 3<>/dev/tcp/127.0.0.1/{port} && echo connected"
+        assert shared.exec(code, "bash")["stdout"] == "connected\n"
+        security = httpx.get(f"{shared.url}/health/detailed", headers=shared.headers).json()["services"]["security"]
+        assert security["status"] == "degraded"
+    finally:
+        shared.stop()
+        listener.close()
+        shutil.rmtree(base, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sandboxes.cgroups import detect_cgroups
+from sandboxes.host import cgroup_parent_name, prepare_cgroups
 
 V1_HYBRID = """tmpfs {root} tmpfs rw,relatime,mode=755 0 0
 cgroup {root}/cpu cgroup rw,relatime,cpu 0 0
@@ -51,3 +52,32 @@ def test_no_cgroups(tmp_path: Path) -> None:
 def test_this_machine_is_detected() -> None:
     info = detect_cgroups()
     assert info.version in (1, 2)
+
+
+def test_v2_parent_is_created_with_controllers_delegated(tmp_path: Path) -> None:
+    root, mounts = fake(tmp_path, "cgroup2 {root} cgroup2 rw,nosuid 0 0\n")
+    (root / "cgroup.controllers").write_text("cpu memory pids\n")
+    (root / "cgroup.subtree_control").write_text("")
+    cgroups = prepare_cgroups(Path("/srv/sandboxes"), root, mounts)
+    assert cgroups is not None
+    assert cgroups.version == 2
+    assert cgroups.parent == cgroup_parent_name(Path("/srv/sandboxes"))
+    assert (root / cgroups.parent).is_dir()
+    assert (root / "cgroup.subtree_control").read_text() == "+memory +pids"
+
+
+def test_v1_parents_are_created_per_controller(tmp_path: Path) -> None:
+    root, mounts = fake(tmp_path, V1_HYBRID)
+    for name in ("cpu", "memory", "pids", "systemd", "unified"):
+        (root / name).mkdir()
+    cgroups = prepare_cgroups(Path("/srv/a"), root, mounts)
+    assert cgroups is not None
+    assert cgroups.version == 1
+    assert (root / "memory" / cgroups.parent).is_dir()
+    assert (root / "pids" / cgroups.parent).is_dir()
+    assert cgroups.swap_accounting is False  # no memory.memsw.* in the fake tree
+
+
+def test_two_base_dirs_get_two_cgroup_parents() -> None:
+    assert cgroup_parent_name(Path("/srv/a")) != cgroup_parent_name(Path("/srv/b"))
+    assert cgroup_parent_name(Path("/srv/a")) == cgroup_parent_name(Path("/srv/a"))
