@@ -7,6 +7,7 @@ which never follows anything a sandbox planted inside.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -14,6 +15,8 @@ import fcntl
 import hashlib
 import os
 import shutil
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from sandboxes.jail import RUNTIME_ETC, Cgroups
 
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 MNT_DETACH = 2
+RMDIR_ATTEMPTS = 40
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
@@ -133,3 +137,85 @@ def prepare_cgroups(
 
 def existing_runtime_etc(candidates: tuple[str, ...] = RUNTIME_ETC) -> tuple[str, ...]:
     return tuple(path for path in candidates if os.path.exists(path))
+
+
+@dataclass(frozen=True)
+class RunCgroup:
+    """The run's own cgroup(s): the memory and pids limits, and where its OOM kills are counted."""
+
+    directories: tuple[Path, ...]
+    events: Path  # v1 memory.oom_control, v2 memory.events: both have an "oom_kill N" line
+
+    @property
+    def procs_files(self) -> tuple[Path, ...]:
+        return tuple(directory / "cgroup.procs" for directory in self.directories)
+
+
+def create_run_cgroup(cgroups: Cgroups, name: str, memory_bytes: int, pids: int) -> RunCgroup:
+    if cgroups.version == 2:
+        directory = cgroups.root / cgroups.parent / name
+        directory.mkdir()
+        (directory / "memory.max").write_text(str(memory_bytes))
+        if (directory / "memory.swap.max").exists():
+            (directory / "memory.swap.max").write_text("0")
+        (directory / "pids.max").write_text(str(pids))
+        return RunCgroup((directory,), directory / "memory.events")
+    memory, pid_group = cgroups.root / "memory" / cgroups.parent / name, cgroups.root / "pids" / cgroups.parent / name
+    memory.mkdir()
+    pid_group.mkdir()
+    (memory / "memory.limit_in_bytes").write_text(str(memory_bytes))
+    if cgroups.swap_accounting:  # no swapping past the limit (set after limit_in_bytes, which it may not undercut)
+        (memory / "memory.memsw.limit_in_bytes").write_text(str(memory_bytes))
+    (pid_group / "pids.max").write_text(str(pids))
+    return RunCgroup((memory, pid_group), memory / "memory.oom_control")
+
+
+def oom_kills(run: RunCgroup) -> int:
+    try:
+        for line in run.events.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def remove_cgroup_tree(directory: Path) -> bool:
+    """rmdir a cgroup and its child cgroups, killing any process still in them. True when it is gone.
+
+    Killing by cgroup membership is exact: a run's nsjail and everything it started are members.
+    """
+    if not directory.is_dir():
+        return True
+    for child in directory.iterdir():
+        if child.is_dir():
+            remove_cgroup_tree(child)
+    try:
+        members = (directory / "cgroup.procs").read_text().split()
+    except OSError:
+        members = []
+    for pid in members:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
+    for _ in range(RMDIR_ATTEMPTS):  # killed members take a moment to leave the cgroup
+        try:
+            directory.rmdir()
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                return not directory.exists()
+            time.sleep(0.05)
+        else:
+            return True
+    return False
+
+
+def remove_cgroup_parents(cgroups: Cgroups) -> None:
+    """At shutdown: our parent cgroups go too (once their runs are gone), so none pile up across restarts."""
+    parents = (
+        [cgroups.root / cgroups.parent]
+        if cgroups.version == 2
+        else [cgroups.root / controller / cgroups.parent for controller in ("memory", "pids")]
+    )
+    for parent in parents:
+        remove_cgroup_tree(parent)

@@ -48,6 +48,7 @@ SECCOMP_POLICY = (
     + " } ERRNO(38) { clone3 } DEFAULT ALLOW"
 )
 
+TIME_LIMIT_BACKSTOP_S = 2
 BASE_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 
 
@@ -66,10 +67,25 @@ class Limits:
 
 @dataclass(frozen=True)
 class Cgroups:
+    """Where this instance's cgroups live. Memory and pids limits are set on a cgroup of our own per
+    run, which nsjail is started in (so everything it forks is in it too), not through nsjail's flags:
+    that cgroup outlives nsjail, so its OOM-kill count can be read afterwards."""
+
     version: Literal[1, 2]
-    parent: str  # our parent cgroup's name (v1) or path below the v2 mount
+    parent: str  # our parent cgroup's name (v1: below each controller's mount; v2: below the root)
     root: Path = Path("/sys/fs/cgroup")
     swap_accounting: bool = True  # v1: memory.memsw.* exists
+
+
+def join_cgroups_argv(procs_files: tuple[Path, ...], argv: list[str]) -> list[str]:
+    """Run ``argv`` after moving this very process into the given cgroups (``cgroup.procs`` files).
+
+    A shell writes its own pid, then execs nsjail: the jail is in the run's cgroups from its first instruction.
+    """
+    if not procs_files:
+        return argv
+    script = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
+    return ["/bin/sh", "-c", script, "sh", *(str(path) for path in procs_files), "--", *argv]
 
 
 @dataclass(frozen=True)
@@ -102,7 +118,6 @@ def build_argv(
     limits: Limits,
     paths: RunPaths,
     identity: Identity,
-    cgroups: Cgroups | None,
     *,
     source: str,
     main: str = "",
@@ -133,7 +148,9 @@ def build_argv(
     for key, value in {**BASE_ENV, **spec.env}.items():
         argv += ["--env", f"{key}={value.format(venv=paths.venv)}"]
     argv += [
-        "--time_limit", str(limits.wall_s),
+        # The runner's own timer enforces wall_s exactly; nsjail's whole-second clock, checked right at
+        # start too, could fire up to a second early, so it is only the backstop.
+        "--time_limit", str(limits.wall_s + TIME_LIMIT_BACKSTOP_S),
         "--rlimit_cpu", str(limits.wall_s * max(1, limits.max_cpus)),
         "--rlimit_as", "inf",  # memory is the cgroup's job; an address-space cap breaks the JVM
         "--rlimit_fsize", str(limits.fsize_mib),
@@ -146,24 +163,5 @@ def build_argv(
         argv.append("--disable_clone_newnet")
     if paths.log_fd is not None:
         argv += ["--log_fd", str(paths.log_fd)]
-    if cgroups is not None:
-        argv += cgroup_args(cgroups, limits)
     command = jail_command(spec, limits, paths, source, main)
     return [*argv, "--", "/bin/sh", "-c", command, "sh", *args]
-
-
-def cgroup_args(cgroups: Cgroups, limits: Limits) -> list[str]:
-    if cgroups.version == 2:
-        # nsjail creates NSJAIL.<pid> below this directory and writes memory.max / pids.max there.
-        return [
-            "--use_cgroupv2", "--cgroupv2_mount", str(cgroups.root / cgroups.parent),
-            "--cgroup_mem_max", str(limits.memory_bytes), "--cgroup_mem_swap_max", "0",
-            "--cgroup_pids_max", str(limits.pids),
-        ]  # fmt: skip
-    return [
-        "--cgroup_mem_max", str(limits.memory_bytes),
-        *(["--cgroup_mem_memsw_max", str(limits.memory_bytes)] if cgroups.swap_accounting else []),  # no swap
-        "--cgroup_mem_mount", str(cgroups.root / "memory"), "--cgroup_mem_parent", cgroups.parent,
-        "--cgroup_pids_max", str(limits.pids),
-        "--cgroup_pids_mount", str(cgroups.root / "pids"), "--cgroup_pids_parent", cgroups.parent,
-    ]  # fmt: skip

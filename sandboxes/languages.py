@@ -75,23 +75,55 @@ def load_languages(directory: Path) -> dict[str, LanguageSpec]:
     return languages
 
 
-_JAVA_PUBLIC = re.compile(
-    r"\bpublic\s+(?:(?:final|abstract|strictfp)\s+)*(?:class|record|enum|interface)\s+([A-Za-z_$][\w$]*)"
+_JAVA_TOKEN = re.compile(
+    r"[{}]|(?P<decl>\b(?P<mods>(?:(?:public|final|abstract|strictfp|sealed|non-sealed)\s+)*)"
+    r"(?:class|record|enum|interface)\s+(?P<name>[A-Za-z_$][\w$]*))"
 )
-_JAVA_ANY = re.compile(r"\b(?:class|record|enum|interface)\s+([A-Za-z_$][\w$]*)")
-_JAVA_COMMENTS = re.compile(r"//[^\n]*|/\*.*?\*/|\"(?:\\.|[^\"\\])*\"", re.S)
+_JAVA_NOISE = re.compile(r"//[^\n]*|/\*.*?\*/|\"(?:\\.|[^\"\\\n])*\"|'(?:\\.|[^'\\\n])*'", re.S)
+_JAVA_PACKAGE = re.compile(r"^\s*package\s+([A-Za-z_$][\w$.]*)\s*;", re.M)
+_JAVA_MAIN = re.compile(r"\bstatic\s+(?:final\s+)?void\s+main\s*\(")
 
 
-def java_main_class(code: str) -> str:
-    """The class javac needs the file named after: the public top-level type, else the first type, else Main."""
-    text = _JAVA_COMMENTS.sub(" ", code)
-    match = _JAVA_PUBLIC.search(text) or _JAVA_ANY.search(text)
-    return match.group(1) if match else "Main"
+def _top_level_types(text: str) -> list[tuple[str, bool, bool]]:
+    """(name, is public, declares main) of each type declared outside any braces. One linear pass."""
+    types: list[tuple[str, bool, bool]] = []
+    depth = 0
+    current: tuple[str, bool] | None = None  # the top-level type whose body we are in
+    body_start = 0
+    for token in _JAVA_TOKEN.finditer(text):
+        if token.group("decl") and depth == 0:
+            current, body_start = (token.group("name"), "public" in token.group("mods").split()), token.end()
+        elif token.group(0) == "{":
+            depth += 1
+        elif token.group(0) == "}":
+            depth = max(0, depth - 1)
+            if depth == 0 and current is not None:
+                types.append((*current, bool(_JAVA_MAIN.search(text, body_start, token.start()))))
+                current = None
+    if current is not None:  # an unterminated body: still a declaration
+        types.append((*current, bool(_JAVA_MAIN.search(text, body_start))))
+    return types
+
+
+def java_main_class(code: str) -> tuple[str, str]:
+    """(file stem, class to run): the public top-level type, else the one declaring main, else the first one.
+
+    javac wants a public type in a file of its name; ``java`` wants the class with ``main``, with its
+    package. Comments and string literals are ignored.
+    """
+    text = _JAVA_NOISE.sub(" ", code)
+    types = _top_level_types(text)
+    public = next((name for name, is_public, _ in types if is_public), None)
+    with_main = next((name for name, _, has_main in types if has_main), None)
+    stem = public or with_main or (types[0][0] if types else "Main")
+    runnable = with_main or stem
+    package = _JAVA_PACKAGE.search(text)
+    return stem, f"{package.group(1)}.{runnable}" if package else runnable
 
 
 def source_name(spec: LanguageSpec, code: str) -> tuple[str, str]:
     """(file name, main class) for this program."""
     if spec.source_naming == "java_class":
-        main = java_main_class(code)
-        return spec.source.format(main=main), main
+        stem, main = java_main_class(code)
+        return spec.source.format(main=stem), main
     return spec.source, ""

@@ -1,15 +1,13 @@
 """The sandbox reaper: leftovers of runs that did not clean up after themselves (a crash, a kill -9).
 
 It touches only its own base directory and its own cgroup parent, which is also how it finds a
-crashed predecessor's leftovers: run directories nobody is using, and nsjail cgroups whose nsjail
-is dead or is not our child. Leftovers are found by cgroup and run directory, never by uid or name.
+crashed predecessor's leftovers: run directories and run cgroups that no run of ours is using.
+Leftovers are found by cgroup and run directory, never by uid or process name.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import NoReturn
 
 import trio
 
-from sandboxes.host import remove_run_dir
+from sandboxes.host import remove_cgroup_tree, remove_run_dir
 from sandboxes.jail import Cgroups
 
 log = logging.getLogger("interpreter.reaper")
@@ -30,16 +28,8 @@ class ReaperConfig:
     interval_s: float
 
 
-def _parent_pid(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # comm may contain spaces and parentheses: the fields we want follow the last ')'.
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
-def _cgroup_dirs(cgroups: Cgroups) -> list[Path]:
+def _run_cgroups(cgroups: Cgroups) -> list[Path]:
+    """Our per-run cgroups (``run-<id>``) in every hierarchy we use."""
     if cgroups.version == 2:
         parents = [cgroups.root / cgroups.parent]
     else:
@@ -47,26 +37,13 @@ def _cgroup_dirs(cgroups: Cgroups) -> list[Path]:
     return [child for parent in parents if parent.is_dir() for child in parent.iterdir() if child.is_dir()]
 
 
-def _kill_members(cgroup: Path) -> None:
-    try:
-        members = (cgroup / "cgroup.procs").read_text().split()
-    except OSError:
-        return
-    for pid in members:
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            continue
-
-
-def sweep(config: ReaperConfig, is_active: Callable[[Path], bool], *, me: int | None = None) -> dict[str, int]:
+def sweep(config: ReaperConfig, is_active: Callable[[Path], bool]) -> dict[str, int]:
     """One pass; returns what it removed. Blocking (filesystem work): run it in a thread.
 
-    ``is_active`` is asked per directory, at that moment: a runner registers a run directory before
-    creating it, so a run that starts during the sweep is never taken for a leftover.
+    ``is_active`` is asked per run, at that moment: a runner registers a run directory before
+    creating it or its cgroup, so a run that starts during the sweep is never taken for a leftover.
     """
-    me = os.getpid() if me is None else me
-    removed = {"run_dirs": 0, "cgroups": 0, "orphan_jails": 0}
+    removed = {"run_dirs": 0, "cgroups": 0}
     if config.runs_dir.is_dir():
         for entry in config.runs_dir.iterdir():
             if not is_active(entry):
@@ -74,24 +51,12 @@ def sweep(config: ReaperConfig, is_active: Callable[[Path], bool], *, me: int | 
                 removed["run_dirs"] += 1
     if config.cgroups is None:
         return removed
-    for cgroup in _cgroup_dirs(config.cgroups):
-        name = cgroup.name
-        if not name.startswith("NSJAIL."):
+    for run_cgroup in _run_cgroups(config.cgroups):
+        if is_active(config.runs_dir / run_cgroup.name.removeprefix("run-")):
             continue
-        pid = int(name.removeprefix("NSJAIL.")) if name.removeprefix("NSJAIL.").isdigit() else None
-        parent = _parent_pid(pid) if pid is not None else None
-        if parent == me:
-            continue  # a live run of ours
-        if parent is not None and pid is not None:
-            # An nsjail of a crashed predecessor, still running its jail: stop it (it removes its cgroup).
-            os.kill(pid, signal.SIGKILL)
-            removed["orphan_jails"] += 1
-        _kill_members(cgroup)
-        try:
-            cgroup.rmdir()
+        # A crashed predecessor's run: its nsjail and jail are members; they are killed, then it goes.
+        if remove_cgroup_tree(run_cgroup):
             removed["cgroups"] += 1
-        except OSError:
-            continue  # members still exiting: the next pass gets it
     return removed
 
 

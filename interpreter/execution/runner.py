@@ -21,8 +21,16 @@ from typing import Literal
 import trio
 
 from interpreter.errors import ServiceUnavailable
-from sandboxes.host import HostLayout, mount_tmpfs, remove_run_dir
-from sandboxes.jail import Cgroups, Identity, Limits, RunPaths, build_argv
+from sandboxes.host import (
+    HostLayout,
+    RunCgroup,
+    create_run_cgroup,
+    mount_tmpfs,
+    oom_kills,
+    remove_cgroup_tree,
+    remove_run_dir,
+)
+from sandboxes.jail import Cgroups, Identity, Limits, RunPaths, build_argv, join_cgroups_argv
 from sandboxes.languages import LanguageSpec, source_name
 
 log = logging.getLogger("interpreter.execution")
@@ -30,7 +38,6 @@ log = logging.getLogger("interpreter.execution")
 Status = Literal["ok", "error", "timeout", "memory_limit", "output_limit", "killed"]
 OnOutput = Callable[[str, bytes], Awaitable[None]]
 KILL_GRACE_S = 0.5  # nsjail kills and reaps the jailed tree on SIGTERM; SIGKILL only if that hangs
-BACKSTOP_S = 3  # host-side timer beyond nsjail's own --time_limit
 CLEANUP_S = 5
 DRAIN_S = 2
 READ_SIZE = 64 * 1024
@@ -126,36 +133,41 @@ class Runner:
 
     async def run(self, job: Job, on_output: OnOutput | None = None) -> RunResult:
         cfg = self.config
-        run_dir = cfg.layout.runs / secrets.token_hex(8)
+        run_id = secrets.token_hex(8)
+        run_dir = cfg.layout.runs / run_id
+        limits = self.limits_for(job.language, job.timeout_s)
         self.active.add(run_dir)
+        cgroup: RunCgroup | None = None
         try:
             run_dir.mkdir(mode=0o700)
             mount_tmpfs(run_dir, cfg.run_dir_bytes, cfg.identity.uid, cfg.identity.gid)
-            source, main = source_name(job.language, job.code)
+            if cfg.cgroups is not None:
+                cgroup = create_run_cgroup(cfg.cgroups, f"run-{run_id}", limits.memory_bytes, limits.pids)
+            # Java's class detection reads the whole source: off the event loop.
+            source, main = await trio.to_thread.run_sync(source_name, job.language, job.code)
             _write_source(run_dir / source, job.code, cfg.identity)
-            limits = self.limits_for(job.language, job.timeout_s)
-            return await self._run_jail(job, limits, run_dir, source, main, on_output)
+            return await self._run_jail(job, limits, run_dir, cgroup, source, main, on_output)
         finally:
             with trio.move_on_after(CLEANUP_S, shield=True):
-                await trio.to_thread.run_sync(remove_run_dir, run_dir)
+                await trio.to_thread.run_sync(_cleanup, run_dir, cgroup)
             self.active.discard(run_dir)
 
     async def _run_jail(
-        self, job: Job, limits: Limits, run_dir: os.PathLike[str], source: str, main: str, on_output: OnOutput | None
-    ) -> RunResult:
+        self, job: Job, limits: Limits, run_dir: Path, cgroup: RunCgroup | None, source: str, main: str,
+        on_output: OnOutput | None,
+    ) -> RunResult:  # fmt: skip
         cfg = self.config
         log_read, log_write = os.pipe()
         paths = RunPaths(
-            nsjail=cfg.nsjail,  # type: ignore[arg-type]
-            run_dir=run_dir,  # type: ignore[arg-type]
+            nsjail=Path(cfg.nsjail),
+            run_dir=run_dir,
             etc_dir=cfg.layout.etc,
-            venv=cfg.venv,  # type: ignore[arg-type]
+            venv=Path(cfg.venv),
             runtime_etc=cfg.runtime_etc,
             log_fd=log_write,
         )
-        argv = build_argv(
-            job.language, limits, paths, cfg.identity, cfg.cgroups, source=source, main=main, args=job.args
-        )
+        jail = build_argv(job.language, limits, paths, cfg.identity, source=source, main=main, args=job.args)
+        argv = join_cgroups_argv(cgroup.procs_files if cgroup else (), jail)
         started = time.monotonic()
         try:
             proc = await trio.lowlevel.open_process(
@@ -188,9 +200,9 @@ class Runner:
                     readers.start_soon(out.pump, proc.stdout)
                     readers.start_soon(err.pump, proc.stderr)
                     readers.start_soon(_read_all, trio.lowlevel.FdStream(log_read), jail_log)
-                    with trio.move_on_after(limits.wall_s + BACKSTOP_S) as backstop:
+                    with trio.move_on_after(limits.wall_s) as wall_clock:
                         await proc.wait()
-                    if backstop.cancelled_caught:
+                    if wall_clock.cancelled_caught:
                         timed_out = True
                         await _stop(proc)
                     # The jail is gone, so the pipes are closing: let the readers take what is left in them.
@@ -210,11 +222,12 @@ class Runner:
         if _EXECUTING not in text:
             log.error("nsjail could not start the jail", extra={"fields": {"jail_log": text[-2000:]}})
             raise SandboxBroken()
-        return _classify(proc.returncode, text, limits, timed_out, flooded, out, err, duration_ms)
+        oom = oom_kills(cgroup) if cgroup is not None else 0
+        return _classify(proc.returncode, text, limits, timed_out, flooded, oom, out, err, duration_ms)
 
 
 def _classify(
-    returncode: int | None, jail_log: str, limits: Limits, timed_out: bool, flooded: bool,
+    returncode: int | None, jail_log: str, limits: Limits, timed_out: bool, flooded: bool, oom_kills: int,
     out: _Capture, err: _Capture, duration_ms: int,
 ) -> RunResult:  # fmt: skip
     signalled = _SIGNALLED.search(jail_log)
@@ -227,9 +240,8 @@ def _classify(
     elif timed_out or _TIME_LIMIT.search(jail_log):
         status = "timeout"
         notes.append(f"Execution timed out after {limits.wall_s} s.")
-    elif signal_name == "SIGKILL":
-        # Inside its PID namespace the program is init and cannot be SIGKILLed by itself; the time limit
-        # is logged above; what is left is the cgroup's OOM killer.
+    elif oom_kills:
+        # The run's own cgroup counted an OOM kill: a process of the run was killed for memory.
         status = "memory_limit"
         notes.append(f"The program was killed: it exceeded the memory limit of {limits.memory_bytes // 2**20} MiB.")
     elif returncode == 0:
@@ -274,6 +286,13 @@ async def _stop(proc: trio.Process) -> None:
         return
     proc.kill()
     await proc.wait()
+
+
+def _cleanup(run_dir: Path, cgroup: RunCgroup | None) -> None:
+    remove_run_dir(run_dir)
+    if cgroup is not None:
+        for directory in cgroup.directories:
+            remove_cgroup_tree(directory)
 
 
 def _write_source(path: os.PathLike[str], code: str, identity: Identity) -> None:

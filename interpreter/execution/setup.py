@@ -19,6 +19,7 @@ from sandboxes.host import (
     existing_runtime_etc,
     prepare_cgroups,
     prepare_layout,
+    remove_cgroup_parents,
     take_instance_lock,
 )
 from sandboxes.jail import Cgroups, Identity
@@ -90,6 +91,8 @@ def open_execution(settings: Settings) -> Iterator[Execution]:
             runs_dir=layout.runs, cgroups=cgroups, interval_s=settings.sandbox_cleanup_interval_min * 60
         )
         yield Execution(layout, cgroups, languages, runner, executor, reaper)
+        if cgroups is not None:
+            remove_cgroup_parents(cgroups)
     finally:
         os.close(lock_fd)
 

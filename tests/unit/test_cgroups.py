@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sandboxes.cgroups import detect_cgroups
-from sandboxes.host import cgroup_parent_name, prepare_cgroups
+from sandboxes.host import cgroup_parent_name, create_run_cgroup, oom_kills, prepare_cgroups
 
 V1_HYBRID = """tmpfs {root} tmpfs rw,relatime,mode=755 0 0
 cgroup {root}/cpu cgroup rw,relatime,cpu 0 0
@@ -81,3 +81,33 @@ def test_v1_parents_are_created_per_controller(tmp_path: Path) -> None:
 def test_two_base_dirs_get_two_cgroup_parents() -> None:
     assert cgroup_parent_name(Path("/srv/a")) != cgroup_parent_name(Path("/srv/b"))
     assert cgroup_parent_name(Path("/srv/a")) == cgroup_parent_name(Path("/srv/a"))
+
+
+def test_run_cgroup_v1_carries_the_limits(tmp_path: Path) -> None:
+    root, mounts = fake(tmp_path, V1_HYBRID)
+    for name in ("cpu", "memory", "pids", "systemd", "unified"):
+        (root / name).mkdir()
+    cgroups = prepare_cgroups(Path("/srv/a"), root, mounts)
+    assert cgroups is not None
+    run = create_run_cgroup(cgroups, "run-1", 256 * 2**20, 64)
+    memory, pids = root / "memory" / cgroups.parent / "run-1", root / "pids" / cgroups.parent / "run-1"
+    assert (memory / "memory.limit_in_bytes").read_text() == str(256 * 2**20)
+    assert (pids / "pids.max").read_text() == "64"
+    assert run.procs_files == (memory / "cgroup.procs", pids / "cgroup.procs")
+    (memory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    assert oom_kills(run) == 2
+
+
+def test_run_cgroup_v2_carries_the_limits(tmp_path: Path) -> None:
+    root, mounts = fake(tmp_path, "cgroup2 {root} cgroup2 rw,nosuid 0 0\n")
+    (root / "cgroup.controllers").write_text("memory pids\n")
+    cgroups = prepare_cgroups(Path("/srv/b"), root, mounts)
+    assert cgroups is not None
+    run = create_run_cgroup(cgroups, "run-2", 128 * 2**20, 32)
+    directory = root / cgroups.parent / "run-2"
+    assert (directory / "memory.max").read_text() == str(128 * 2**20)
+    assert (directory / "pids.max").read_text() == "32"
+    assert run.procs_files == (directory / "cgroup.procs",)
+    assert oom_kills(run) == 0  # no memory.events yet
+    (directory / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    assert oom_kills(run) == 1
