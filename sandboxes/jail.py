@@ -25,10 +25,15 @@ RUNTIME_ETC = (
 
 # seccomp deny-list (kafel). Each family is something a sandbox has no business doing: debugging or
 # reading other processes, changing mounts or namespaces, loading kernel code, kernel keyrings, io_uring
-# (a history of escapes), TIOCSTI (typing into another terminal). clone with any CLONE_NEW* flag is EPERM;
-# clone3 is ENOSYS because seccomp cannot read its flags, and glibc then falls back to clone.
+# (a history of escapes), TIOCSTI (typing into another terminal), vsock and AF_ALG sockets. clone with
+# any CLONE_NEW* flag is EPERM; clone3 is ENOSYS because seccomp cannot read its flags, and glibc then
+# falls back to clone.
 CLONE_NEW_FLAGS = 0x7E020080  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET|NEWTIME
 TIOCSTI = 0x5412
+# Socket families no network namespace confines: vsock reaches the hypervisor and the host's vsock ports
+# (a jail could bind them machine-wide); AF_ALG is the kernel crypto API, a long history of bugs, and
+# nothing a program needs (OpenSSL and hashlib work in user space).
+AF_ALG, AF_VSOCK = 38, 40
 DENIED_SYSCALLS = (
     "ptrace", "process_vm_readv", "process_vm_writev",
     "mount", "umount", "pivot_root", "chroot", "open_tree", "move_mount", "fsopen", "fsmount", "fsconfig",
@@ -45,6 +50,7 @@ SECCOMP_POLICY = (
     + ", ".join(DENIED_SYSCALLS)
     + f", clone(flags) {{ (flags & {CLONE_NEW_FLAGS:#x}) != 0 }}"
     + f", ioctl(fd, cmd) {{ (cmd & 0xffffffff) == {TIOCSTI:#x} }}"
+    + f", socket(domain) {{ domain == {AF_VSOCK} || domain == {AF_ALG} }}"
     + " } ERRNO(38) { clone3 } DEFAULT ALLOW"
 )
 

@@ -105,6 +105,9 @@ def _top_level_types(text: str) -> list[tuple[str, bool, bool]]:
     return types
 
 
+MAX_JAVA_STEM_BYTES = 200  # + ".java" stays well inside NAME_MAX (255)
+
+
 def java_main_class(code: str) -> tuple[str, str]:
     """(file stem, class to run): the public top-level type, else the one declaring main, else the first one.
 
@@ -116,6 +119,9 @@ def java_main_class(code: str) -> tuple[str, str]:
     public = next((name for name, is_public, _ in types if is_public), None)
     with_main = next((name for name, _, has_main in types if has_main), None)
     stem = public or with_main or (types[0][0] if types else "Main")
+    if len(stem.encode()) > MAX_JAVA_STEM_BYTES:
+        # Not a name the host can create a file by: javac then reports the mismatch, a compile error.
+        stem = "Main"
     runnable = with_main or stem
     package = _JAVA_PACKAGE.search(text)
     return stem, f"{package.group(1)}.{runnable}" if package else runnable

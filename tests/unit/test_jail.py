@@ -132,8 +132,8 @@ def test_command_placeholders() -> None:
     java = argv_for("java", source="Solver.java", main="Solver")
     command = java[java.index("--") + 3]
     assert "javac" in command
-    assert "Solver.java" in command
-    assert "-cp /tmp/classes Solver" in command
+    assert "'Solver.java'" in command  # quoted: Java identifiers may contain $
+    assert "-cp /tmp/classes 'Solver'" in command
     assert f"-Xmx{heap_mib(LIMITS)}m" in command
     python = argv_for("py", source="code.py")
     assert "/opt/venv/bin/python" in python[python.index("--") + 3]
