@@ -145,29 +145,49 @@ class RunCgroup:
 
     directories: tuple[Path, ...]
     events: Path  # v1 memory.oom_control, v2 memory.events: both have an "oom_kill N" line
+    memory_limit: Path  # v1 memory.limit_in_bytes, v2 memory.max
+    swap_limit: Path | None  # v1 memory.memsw.limit_in_bytes (memory + swap), when swap is accounted
+    pids_limit: Path
 
     @property
     def procs_files(self) -> tuple[Path, ...]:
         return tuple(directory / "cgroup.procs" for directory in self.directories)
+
+    def set_limits(self, memory_bytes: int, pids: int) -> None:
+        """(Re)set the limits; may be called while processes are in the cgroup (a prepared launcher is)."""
+        if self.swap_limit is None:
+            self.memory_limit.write_text(str(memory_bytes))
+        else:
+            # v1 wants memory+swap >= memory at every step: raise the larger one first, lower it last.
+            current = int(self.memory_limit.read_text() or 0)
+            order = (
+                (self.swap_limit, self.memory_limit) if memory_bytes > current else (self.memory_limit, self.swap_limit)
+            )
+            for path in order:
+                path.write_text(str(memory_bytes))
+        self.pids_limit.write_text(str(pids))
 
 
 def create_run_cgroup(cgroups: Cgroups, name: str, memory_bytes: int, pids: int) -> RunCgroup:
     if cgroups.version == 2:
         directory = cgroups.root / cgroups.parent / name
         directory.mkdir()
-        (directory / "memory.max").write_text(str(memory_bytes))
         if (directory / "memory.swap.max").exists():
             (directory / "memory.swap.max").write_text("0")
-        (directory / "pids.max").write_text(str(pids))
-        return RunCgroup((directory,), directory / "memory.events")
-    memory, pid_group = cgroups.root / "memory" / cgroups.parent / name, cgroups.root / "pids" / cgroups.parent / name
-    memory.mkdir()
-    pid_group.mkdir()
-    (memory / "memory.limit_in_bytes").write_text(str(memory_bytes))
-    if cgroups.swap_accounting:  # no swapping past the limit (set after limit_in_bytes, which it may not undercut)
-        (memory / "memory.memsw.limit_in_bytes").write_text(str(memory_bytes))
-    (pid_group / "pids.max").write_text(str(pids))
-    return RunCgroup((memory, pid_group), memory / "memory.oom_control")
+        run = RunCgroup((directory,), directory / "memory.events", directory / "memory.max", None,
+                        directory / "pids.max")  # fmt: skip
+    else:
+        memory, pid_group = (
+            cgroups.root / "memory" / cgroups.parent / name,
+            cgroups.root / "pids" / cgroups.parent / name,
+        )
+        memory.mkdir()
+        pid_group.mkdir()
+        swap = memory / "memory.memsw.limit_in_bytes" if cgroups.swap_accounting else None
+        run = RunCgroup((memory, pid_group), memory / "memory.oom_control", memory / "memory.limit_in_bytes", swap,
+                        pid_group / "pids.max")  # fmt: skip
+    run.set_limits(memory_bytes, pids)
+    return run
 
 
 def oom_kills(run: RunCgroup) -> int:

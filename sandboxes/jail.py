@@ -75,23 +75,13 @@ class Limits:
 class Cgroups:
     """Where this instance's cgroups live. Memory and pids limits are set on a cgroup of our own per
     run, which nsjail is started in (so everything it forks is in it too), not through nsjail's flags:
-    that cgroup outlives nsjail, so its OOM-kill count can be read afterwards."""
+    that cgroup outlives nsjail, so its OOM-kill count can be read afterwards (interpreter/execution/
+    launcher.py)."""
 
     version: Literal[1, 2]
     parent: str  # our parent cgroup's name (v1: below each controller's mount; v2: below the root)
     root: Path = Path("/sys/fs/cgroup")
     swap_accounting: bool = True  # v1: memory.memsw.* exists
-
-
-def join_cgroups_argv(procs_files: tuple[Path, ...], argv: list[str]) -> list[str]:
-    """Run ``argv`` after moving this very process into the given cgroups (``cgroup.procs`` files).
-
-    A shell writes its own pid, then execs nsjail: the jail is in the run's cgroups from its first instruction.
-    """
-    if not procs_files:
-        return argv
-    script = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
-    return ["/bin/sh", "-c", script, "sh", *(str(path) for path in procs_files), "--", *argv]
 
 
 @dataclass(frozen=True)

@@ -101,9 +101,13 @@ class Executor:
             handle.done.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
-        """The service: owns the nursery runs execute in. Ready at once; cancelling it cancels every run."""
+        """The service: owns the nursery runs execute in, and the launcher pool beside them.
+
+        Ready at once; cancelling it cancels every run and discards every prepared launcher.
+        """
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.runner.launchers.run)
                 self._nursery = nursery
                 task_status.started()
                 await trio.sleep_forever()

@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import secrets
-import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,16 +19,9 @@ from typing import Literal
 import trio
 
 from interpreter.errors import ServiceUnavailable
-from sandboxes.host import (
-    HostLayout,
-    RunCgroup,
-    create_run_cgroup,
-    mount_tmpfs,
-    oom_kills,
-    remove_cgroup_tree,
-    remove_run_dir,
-)
-from sandboxes.jail import Cgroups, Identity, Limits, RunPaths, build_argv, join_cgroups_argv
+from interpreter.execution.launcher import Launch, LauncherPool, discard
+from sandboxes.host import HostLayout, oom_kills
+from sandboxes.jail import Identity, Limits, RunPaths, build_argv
 from sandboxes.languages import LanguageSpec, source_name
 
 log = logging.getLogger("interpreter.execution")
@@ -81,9 +72,7 @@ class RunnerConfig:
     venv: os.PathLike[str] | str
     runtime_etc: tuple[str, ...]
     identity: Identity
-    cgroups: Cgroups | None
     memory_bytes: int
-    run_dir_bytes: int
     tmp_bytes: int
     fsize_mib: int
     output_cap_bytes: int
@@ -114,9 +103,10 @@ class _Capture:
 
 
 class Runner:
-    def __init__(self, config: RunnerConfig) -> None:
+    def __init__(self, config: RunnerConfig, launchers: LauncherPool) -> None:
         self.config = config
-        self.active: set[Path] = set()  # run directories in use; the reaper leaves these alone
+        self.launchers = launchers
+        self.active = launchers.active  # run directories in use or prepared; the reaper leaves these alone
 
     def is_active(self, run_dir: Path) -> bool:
         return run_dir in self.active
@@ -131,55 +121,53 @@ class Runner:
             network=self.config.network,
         )
 
+    async def _launcher(self) -> Launch:
+        launch = self.launchers.take_nowait()
+        if launch is not None and launch.process.returncode is None:
+            return launch
+        if launch is not None:  # it died while it waited
+            await discard(launch, self.active)
+        return await self.launchers.prepare_now()
+
     async def run(self, job: Job, on_output: OnOutput | None = None) -> RunResult:
         cfg = self.config
-        run_id = secrets.token_hex(8)
-        run_dir = cfg.layout.runs / run_id
         limits = self.limits_for(job.language, job.timeout_s)
-        self.active.add(run_dir)
-        cgroup: RunCgroup | None = None
+        launch = await self._launcher()
         try:
-            run_dir.mkdir(mode=0o700)
-            mount_tmpfs(run_dir, cfg.run_dir_bytes, cfg.identity.uid, cfg.identity.gid)
-            if cfg.cgroups is not None:
-                cgroup = create_run_cgroup(cfg.cgroups, f"run-{run_id}", limits.memory_bytes, limits.pids)
+            if launch.cgroup is not None:
+                launch.cgroup.set_limits(limits.memory_bytes, limits.pids)
             # Java's class detection reads the whole source: off the event loop.
             source, main = await trio.to_thread.run_sync(source_name, job.language, job.code)
-            _write_source(run_dir / source, job.code, cfg.identity)
-            return await self._run_jail(job, limits, run_dir, cgroup, source, main, on_output)
+            _write_source(launch.run_dir / source, job.code, cfg.identity)
+            return await self._run_jail(job, limits, launch, source, main, on_output)
         finally:
-            with trio.move_on_after(CLEANUP_S, shield=True):
-                await trio.to_thread.run_sync(_cleanup, run_dir, cgroup)
-            self.active.discard(run_dir)
+            await discard(launch, self.active)  # stops whatever is left, unmounts, removes the cgroup
 
     async def _run_jail(
-        self, job: Job, limits: Limits, run_dir: Path, cgroup: RunCgroup | None, source: str, main: str,
-        on_output: OnOutput | None,
-    ) -> RunResult:  # fmt: skip
+        self, job: Job, limits: Limits, launch: Launch, source: str, main: str, on_output: OnOutput | None
+    ) -> RunResult:
         cfg = self.config
-        log_read, log_write = os.pipe()
         paths = RunPaths(
             nsjail=Path(cfg.nsjail),
-            run_dir=run_dir,
+            run_dir=launch.run_dir,
             etc_dir=cfg.layout.etc,
             venv=Path(cfg.venv),
             runtime_etc=cfg.runtime_etc,
-            log_fd=log_write,
+            log_fd=launch.log_fd,
         )
-        jail = build_argv(job.language, limits, paths, cfg.identity, source=source, main=main, args=job.args)
-        argv = join_cgroups_argv(cgroup.procs_files if cgroup else (), jail)
+        argv = build_argv(job.language, limits, paths, cfg.identity, source=source, main=main, args=job.args)
+        proc = launch.process
         started = time.monotonic()
         try:
-            proc = await trio.lowlevel.open_process(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                pass_fds=(log_write,), env={"PATH": "/usr/bin:/bin"}, start_new_session=True,
-            )  # fmt: skip
+            await launch.start(argv)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise SandboxBroken() from None
         finally:
-            os.close(log_write)
+            launch.close_log_write_end()
         out = _Capture("stdout", cfg.output_cap_bytes, on_output)
         err = _Capture("stderr", cfg.output_cap_bytes, on_output)
         jail_log = bytearray()
-        timed_out = flooded = cancelled = False
+        timed_out = flooded = False
         try:
             async with trio.open_nursery() as nursery:
                 assert proc.stdout is not None
@@ -199,7 +187,7 @@ class Runner:
                 async with trio.open_nursery() as readers:
                     readers.start_soon(out.pump, proc.stdout)
                     readers.start_soon(err.pump, proc.stderr)
-                    readers.start_soon(_read_all, trio.lowlevel.FdStream(log_read), jail_log)
+                    readers.start_soon(_read_all, launch.log_pipe, jail_log)
                     with trio.move_on_after(limits.wall_s) as wall_clock:
                         await proc.wait()
                     if wall_clock.cancelled_caught:
@@ -208,21 +196,16 @@ class Runner:
                     # The jail is gone, so the pipes are closing: let the readers take what is left in them.
                     readers.cancel_scope.deadline = trio.current_time() + DRAIN_S
                 nursery.cancel_scope.cancel()
-        except trio.Cancelled:
-            cancelled = True
-            raise
         finally:
             if proc.returncode is None:
                 with trio.move_on_after(CLEANUP_S, shield=True):
                     await _stop(proc)
-            if cancelled:
-                log.info("run cancelled")
         duration_ms = int((time.monotonic() - started) * 1000)
         text = jail_log.decode(errors="replace")
         if _EXECUTING not in text:
             log.error("nsjail could not start the jail", extra={"fields": {"jail_log": text[-2000:]}})
             raise SandboxBroken()
-        oom = oom_kills(cgroup) if cgroup is not None else 0
+        oom = oom_kills(launch.cgroup) if launch.cgroup is not None else 0
         return _classify(proc.returncode, text, limits, timed_out, flooded, oom, out, err, duration_ms)
 
 
@@ -286,13 +269,6 @@ async def _stop(proc: trio.Process) -> None:
         return
     proc.kill()
     await proc.wait()
-
-
-def _cleanup(run_dir: Path, cgroup: RunCgroup | None) -> None:
-    remove_run_dir(run_dir)
-    if cgroup is not None:
-        for directory in cgroup.directories:
-            remove_cgroup_tree(directory)
 
 
 def _write_source(path: os.PathLike[str], code: str, identity: Identity) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from interpreter.errors import SettingsError
 from interpreter.execution.executor import Executor, default_concurrency
+from interpreter.execution.launcher import LauncherConfig, LauncherPool
 from interpreter.execution.runner import Runner, RunnerConfig
 from interpreter.health import CheckResult
 from interpreter.resources import sandboxes_dir
@@ -66,6 +67,12 @@ def open_execution(settings: Settings) -> Iterator[Execution]:
         raise SettingsError(f"SANDBOX_BASE_DIR: cannot prepare {layout.base}: {exc.strerror}") from None
     try:
         cgroups = prepare_cgroups(layout.base)
+        concurrency = default_concurrency(settings.max_concurrent_runs, os.cpu_count())
+        launchers = LauncherPool(
+            LauncherConfig(layout, identity, cgroups, settings.max_run_dir_mib * MIB, settings.max_memory_mib * MIB),
+            size=concurrency,
+            active=set(),
+        )
         runner = Runner(
             RunnerConfig(
                 nsjail=nsjail,
@@ -73,18 +80,17 @@ def open_execution(settings: Settings) -> Iterator[Execution]:
                 venv=settings.sandbox_venv,
                 runtime_etc=existing_runtime_etc(),
                 identity=identity,
-                cgroups=cgroups,
                 memory_bytes=settings.max_memory_mib * MIB,
-                run_dir_bytes=settings.max_run_dir_mib * MIB,
                 tmp_bytes=settings.sandbox_tmpfs_size_mib * MIB,
                 fsize_mib=settings.max_file_size_mib,
                 output_cap_bytes=int(settings.max_output_mib * MIB),
                 network=not settings.enable_network_isolation,
-            )
+            ),
+            launchers,
         )
         executor = Executor(
             runner,
-            max_concurrent=default_concurrency(settings.max_concurrent_runs, os.cpu_count()),
+            max_concurrent=concurrency,
             queue_size=settings.run_queue_size,
         )
         reaper = ReaperConfig(
@@ -104,6 +110,7 @@ def sandbox_check(execution: Execution) -> CheckResult:
         **stats,
         "cgroups": f"v{execution.cgroups.version}" if execution.cgroups else None,
         "languages": sorted(execution.languages),
+        "prepared": execution.runner.launchers.prepared(),
     }
     if execution.cgroups is None:
         return CheckResult("unhealthy", details, error="no usable cgroups: memory and pids limits cannot be enforced")

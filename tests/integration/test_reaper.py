@@ -44,7 +44,8 @@ def test_successor_reaps_a_crashed_servers_jails(base: Path) -> None:
     crashed.start()
     with httpx.stream("POST", f"{crashed.url}/exec", json={"code": "sleep 120", "lang": "bash"},
                       headers=crashed.headers, timeout=30) as response:  # fmt: skip
-        assert next(response.iter_raw()) == b" "  # the jail is running
+        chunks = response.iter_raw()  # held: dropping the iterator would hang up and cancel the run
+        assert next(chunks) == b" "  # the jail is running
         assert crashed.proc is not None
         crashed.proc.send_signal(signal.SIGKILL)  # no cleanup of any kind
         crashed.proc.wait(timeout=10)
@@ -69,7 +70,8 @@ def test_graceful_stop_leaves_nothing_behind(base: Path) -> None:
     server.start()
     with httpx.stream("POST", f"{server.url}/exec", json={"code": "sleep 120", "lang": "bash"},
                       headers=server.headers, timeout=30) as response:  # fmt: skip
-        assert next(response.iter_raw()) == b" "
+        chunks = response.iter_raw()  # held: the request stays in flight through the shutdown
+        assert next(chunks) == b" "
         started = time.monotonic()
         assert server.stop() == 0  # drains for SHUTDOWN_GRACE_SECONDS (5 s here), then cancels the run
     assert time.monotonic() - started < 15
