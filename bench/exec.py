@@ -18,8 +18,6 @@ import platform
 import resource
 import secrets
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +29,7 @@ from typing import Any
 
 import httpx
 import trio
+from common import free_port, percentile, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = Path(__file__).resolve().parent / "report.json"
@@ -44,43 +43,6 @@ TARGETS = {  # from the issue; "max" means measured <= target, "min" measured >=
     "c_p50_minus_bare_gcc_ms": (20.0, "max"),
     "errors_at_c10": (0, "max"),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def start_server(port: int, key: str, work: Path, extra: dict[str, str]) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_KEY_FILE")}
-    env.update(
-        PORT=str(port),
-        API_HOST="127.0.0.1",
-        API_KEY=key,
-        SANDBOX_BASE_DIR=str(work / "sb"),
-        DATA_DIR=str(work / "data"),
-        LOG_LEVEL="WARNING",
-        **extra,
-    )
-    started = time.perf_counter()
-    with open(work / "server.log", "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "interpreter", "serve"], env=env, cwd=work, stdout=log, stderr=log
-        )
-    while True:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-            return proc
-        except httpx.TransportError:
-            if proc.poll() is not None or time.perf_counter() - started > 60:
-                raise RuntimeError(f"server did not start; see {work / 'server.log'}") from None
-            time.sleep(0.02)
 
 
 def check_alive(proc: subprocess.Popen[bytes], work: Path) -> None:
@@ -103,15 +65,6 @@ def own_cpu_s() -> float:
     """This process's CPU seconds and its reaped children's: the servers (with their nsjails) and bare runs."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 async def exec_once(

@@ -12,57 +12,23 @@ import os
 import platform
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import trio
+from common import free_port, percentile, start_server
 
 REPORT = Path(__file__).resolve().parent / "report.json"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def start_server(port: int, key: str, work: Path) -> tuple[subprocess.Popen[bytes], float]:
-    env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_KEY_FILE")}
-    env.update(
-        PORT=str(port),
-        API_HOST="127.0.0.1",
-        API_KEY=key,
-        SANDBOX_BASE_DIR=str(work / "sb"),
-        DATA_DIR=str(work / "data"),
-        LOG_LEVEL="WARNING",
-    )
+def start_timed(port: int, key: str, work: Path) -> tuple[subprocess.Popen[bytes], float]:
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "interpreter", "serve"],
-        env=env,
-        cwd=work,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    while True:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-            return proc, time.perf_counter() - started
-        except httpx.TransportError:
-            if proc.poll() is not None or time.perf_counter() - started > 30:
-                raise RuntimeError("server did not start") from None
-            time.sleep(0.01)
+    proc = start_server(port, key, work)
+    return proc, time.perf_counter() - started
 
 
 async def sequential(url: str, n: int, headers: dict[str, str]) -> list[float]:
@@ -104,11 +70,11 @@ def main() -> None:
     key, port = secrets.token_urlsafe(24), free_port()
     starts = []
     for _ in range(3):
-        proc, seconds = start_server(port, key, work)
+        proc, seconds = start_timed(port, key, work)
         starts.append(seconds * 1000)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-    proc, _ = start_server(port, key, work)
+    proc, _ = start_timed(port, key, work)
     try:
         base = f"http://127.0.0.1:{port}"
         health = trio.run(sequential, f"{base}/health", args.requests, {})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -132,16 +133,24 @@ class ServerProcess:
         self.port = free_port()
         # A uid range of its own, so a test can tell this server's sandbox processes from any other's.
         self.uid = 30000 + secrets.randbelow(20000)
-        self.env = cli_env(
-            PORT=str(self.port), API_HOST="127.0.0.1", API_KEY=self.key, SANDBOX_BASE_DIR=str(base / "sandboxes"),
-            DATA_DIR=str(base / "data"), SANDBOX_UID=str(self.uid), LOG_FORMAT="json", LOG_LEVEL="INFO",
-            LOG_FILE=str(base / "server.log"), SHUTDOWN_GRACE_SECONDS="5", **env,
-        )  # fmt: skip
+        defaults = {
+            "PORT": str(self.port), "API_HOST": "127.0.0.1", "API_KEY": self.key,
+            "SANDBOX_BASE_DIR": str(base / "sandboxes"), "DATA_DIR": str(base / "data"), "SANDBOX_UID": str(self.uid),
+            "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "LOG_FILE": str(self.log_path), "SHUTDOWN_GRACE_SECONDS": "5",
+        }  # fmt: skip
+        self.env = cli_env(**{**defaults, **env})
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.base / "server.log"
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.startswith("{")]
 
     @property
     def headers(self) -> dict[str, str]:
@@ -175,8 +184,7 @@ class ServerProcess:
                 self.proc.kill()
 
     def log_tail(self, n: int = 40) -> str:
-        path = self.base / "server.log"
-        return "\n".join(path.read_text().splitlines()[-n:]) if path.exists() else ""
+        return "\n".join(self.log_path.read_text().splitlines()[-n:]) if self.log_path.exists() else ""
 
     def exec(self, code: str, lang: str, timeout_s: float = 120, **fields: object) -> dict[str, Any]:
         """POST /exec and return the JSON (keepalive whitespace is part of a valid JSON body)."""

@@ -107,9 +107,15 @@ def build_job(body: ExecRequest) -> Job:
             "Code cannot be empty",
             details=[{"field": "code", "message": "Code field is required and cannot be empty", "code": "empty_code"}],
         )
+    args = normalize_args(body.args)
+    if any("\x00" in arg for arg in args):  # no program can receive one: argv strings end at NUL
+        raise BadRequest(
+            "Arguments cannot contain NUL characters",
+            details=[{"field": "args", "message": "NUL characters are not allowed", "code": "invalid_args"}],
+        )
     timeout_s = clamp_timeout_s(body.timeout, deps.settings.max_execution_time_s)
     stdin = body.stdin.encode() if body.stdin is not None else None
-    return Job(language=language, code=body.code, args=normalize_args(body.args), stdin=stdin, timeout_s=timeout_s)
+    return Job(language=language, code=body.code, args=args, stdin=stdin, timeout_s=timeout_s)
 
 
 def render(result: RunResult, language: str, session_id: str) -> dict[str, Any]:

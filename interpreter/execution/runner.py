@@ -67,9 +67,9 @@ class RunResult:
 
 @dataclass(frozen=True)
 class RunnerConfig:
-    nsjail: os.PathLike[str] | str
+    nsjail: Path
     layout: HostLayout
-    venv: os.PathLike[str] | str
+    venv: Path
     runtime_etc: tuple[str, ...]
     identity: Identity
     memory_bytes: int
@@ -148,10 +148,10 @@ class Runner:
     ) -> RunResult:
         cfg = self.config
         paths = RunPaths(
-            nsjail=Path(cfg.nsjail),
+            nsjail=cfg.nsjail,
             run_dir=launch.run_dir,
             etc_dir=cfg.layout.etc,
-            venv=Path(cfg.venv),
+            venv=cfg.venv,
             runtime_etc=cfg.runtime_etc,
             log_fd=launch.log_fd,
         )

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,7 +14,7 @@ from interpreter import __version__
 from interpreter.doctor import collect
 from interpreter.resources import sandboxes_dir
 from interpreter.settings import load_settings
-from tests.conftest import TEST_KEY, cli_env, free_port, make_settings
+from tests.conftest import TEST_KEY, ServerProcess, cli_env, free_port, make_settings
 
 INTERPRETER = [sys.executable, "-m", "interpreter"]
 
@@ -84,41 +81,16 @@ def test_doctor_reports_configured_stores_unreachable(work_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_server_logs_to_a_file_without_keys_or_query_strings(work_dir: Path) -> None:
-    port = free_port()
-    log_file = work_dir / "logs" / "server.log"
-    env = cli_env(
-        PORT=str(port),
-        API_HOST="127.0.0.1",
-        API_KEY=TEST_KEY,
-        SANDBOX_BASE_DIR=str(work_dir / "sb"),
-        DATA_DIR=str(work_dir / "data"),
-        LOG_FILE=str(log_file),
-        LOG_FORMAT="json",
-        ENABLE_ACCESS_LOGS="true",
-        LOG_LEVEL="INFO",
-    )
-    with subprocess.Popen(
-        [*INTERPRETER, "serve"], env=env, cwd=work_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    ) as proc:
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
-                    break
-                except httpx.TransportError:
-                    assert time.monotonic() < deadline
-                    assert proc.poll() is None
-                    time.sleep(0.1)
-            base = f"http://127.0.0.1:{port}"
-            httpx.get(f"{base}/health/detailed?api_key={TEST_KEY}", headers={"x-api-key": TEST_KEY + "-wrong"})
-            httpx.get(f"{base}/health/detailed", headers={"x-api-key": TEST_KEY})
-            httpx.get(f"{base}/nowhere?secret=hunter2", headers={"x-api-key": TEST_KEY})
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
-    text = log_file.read_text()
-    lines = [json.loads(line) for line in text.splitlines()]
+    server = ServerProcess(work_dir, ENABLE_ACCESS_LOGS="true")
+    server.start()
+    try:
+        httpx.get(f"{server.url}/health/detailed?api_key={TEST_KEY}", headers={"x-api-key": TEST_KEY + "-wrong"})
+        httpx.get(f"{server.url}/health/detailed", headers=server.headers)
+        httpx.get(f"{server.url}/nowhere?secret=hunter2", headers=server.headers)
+    finally:
+        assert server.stop() == 0
+    text = server.log_path.read_text()
+    lines = server.log_lines()
     assert TEST_KEY not in text
     assert "hunter2" not in text
     security = [line for line in lines if line["logger"] == "interpreter.security"]

@@ -79,6 +79,7 @@ def test_stdin_and_args(server: ServerProcess) -> None:
         ({"code": "print(1)", "lang": "py", "entity_id": "bad id!"}, 422, "value_error"),
         ({"code": "print(1)", "lang": "py", "files": [{"id": "f"}]}, 422, "missing"),
         ({"code": 5, "lang": "py"}, 422, "string_type"),
+        ({"code": "print(1)", "lang": "py", "args": ["a\u0000b"]}, 400, "invalid_args"),
     ],
 )
 def test_bad_requests(server: ServerProcess, body: dict[str, object], status: int, code: str) -> None:

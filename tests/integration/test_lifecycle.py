@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
-import subprocess
-import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -19,7 +15,7 @@ from quart import Blueprint, request
 
 from interpreter.main import serve
 from supervisors.sd_notify import Notifier
-from tests.conftest import KEY_HEADERS, TEST_KEY, cli_env, free_port, make_settings
+from tests.conftest import KEY_HEADERS, TEST_KEY, ServerProcess, make_settings
 
 slow = Blueprint("slow", __name__)
 
@@ -82,90 +78,35 @@ def _notify_socket(tmp: Path) -> socket.socket:
     return sock
 
 
-def _wait_health(port: int, proc: subprocess.Popen[str], scheme: str = "http", **kwargs: object) -> httpx.Response:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            return httpx.get(f"{scheme}://127.0.0.1:{port}/health", timeout=2, **kwargs)  # type: ignore[arg-type]
-        except httpx.TransportError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
 @pytest.mark.slow
 def test_real_sigterm_with_systemd_notifications(work_dir: Path) -> None:
-    port = free_port()
     sock = _notify_socket(work_dir)
-    env = cli_env(
-        PORT=str(port),
-        API_HOST="127.0.0.1",
-        API_KEY=TEST_KEY,
-        SANDBOX_BASE_DIR=str(work_dir / "sb"),
-        DATA_DIR=str(work_dir / "data"),
-        NOTIFY_SOCKET=str(work_dir / "notify"),
-        WATCHDOG_USEC="1000000",
-        LOG_FORMAT="json",
-    )
-    log_path = work_dir / "stderr.log"
-    with (
-        log_path.open("w") as log_file,
-        subprocess.Popen(
-            [sys.executable, "-m", "interpreter", "serve"],
-            env=env,
-            cwd=work_dir,
-            stdout=subprocess.DEVNULL,
-            stderr=log_file,
-            text=True,
-        ) as proc,
-    ):
-        try:
-            _run_sigterm_checks(proc, sock, port)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            sock.close()
-    stderr = log_path.read_text()
-    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
-    messages_logged = [line["msg"] for line in lines]
+    server = ServerProcess(work_dir, NOTIFY_SOCKET=str(work_dir / "notify"), WATCHDOG_USEC="1000000")
+    try:
+        server.start()
+        assert sock.recv(100).decode() == "READY=1"  # the first message, sent once listening
+        pings = [sock.recv(100).decode() for _ in range(2)]  # the watchdog pings every 0.5 s
+        assert pings == ["WATCHDOG=1", "WATCHDOG=1"]
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        while (message := sock.recv(100).decode()) == "WATCHDOG=1":
+            pass
+        assert message == "STOPPING=1"
+        assert server.proc.wait(timeout=30) == 0
+    finally:
+        if server.proc is not None and server.proc.poll() is None:
+            server.proc.kill()
+        sock.close()
+    messages_logged = [line["msg"] for line in server.log_lines()]
     assert "shutdown requested" in messages_logged
     assert messages_logged[-1] == "stopped"
-    assert TEST_KEY not in stderr
-
-
-def _run_sigterm_checks(proc: subprocess.Popen[str], sock: socket.socket, port: int) -> None:
-    assert sock.recv(100).decode() == "READY=1"  # the first message, sent once listening
-    assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200  # so this answers at once
-    pings = [sock.recv(100).decode() for _ in range(2)]  # the watchdog pings every 0.5 s
-    assert pings == ["WATCHDOG=1", "WATCHDOG=1"]
-    proc.send_signal(signal.SIGTERM)
-    while (message := sock.recv(100).decode()) == "WATCHDOG=1":
-        pass
-    assert message == "STOPPING=1"
-    assert proc.wait(timeout=30) == 0
+    assert TEST_KEY not in server.log_path.read_text()
 
 
 @pytest.mark.slow
 def test_sigint_also_stops_gracefully(work_dir: Path) -> None:
-    port = free_port()
-    env = cli_env(
-        PORT=str(port),
-        API_HOST="127.0.0.1",
-        API_KEY=TEST_KEY,
-        SANDBOX_BASE_DIR=str(work_dir / "sb"),
-        DATA_DIR=str(work_dir / "data"),
-    )
-    with subprocess.Popen(
-        [sys.executable, "-m", "interpreter", "serve"],
-        env=env,
-        cwd=work_dir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    ) as proc:
-        try:
-            _wait_health(port, proc)
-            os.kill(proc.pid, signal.SIGINT)
-            assert proc.wait(timeout=30) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    server = ServerProcess(work_dir)
+    server.start()
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGINT)
+    assert server.proc.wait(timeout=30) == 0
