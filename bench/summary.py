@@ -1,0 +1,73 @@
+"""Render bench/report.json as the README's "Measured" tables (between its bench markers).
+
+Run: .venv/bin/python bench/summary.py [--write]   (without --write it only prints)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+README = HERE.parent / "README.md"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def foundation(section: dict[str, Any]) -> list[str]:
+    return [
+        "| server | figure |",
+        "|---|---|",
+        f"| process start to first `/health` answer (median of 3) | {section['startup_to_health_ms_median']:.0f} ms |",
+        f"| `GET /health` latency p50 / p95 | {section['health_latency_ms']['p50']} / "
+        f"{section['health_latency_ms']['p95']} ms |",
+        f"| `GET /health/detailed` latency p50 / p95 | {section['health_detailed_latency_ms']['p50']} / "
+        f"{section['health_detailed_latency_ms']['p95']} ms |",
+        f"| `GET /health` at concurrency 10 | {section['health_throughput_rps_c10']:.0f} req/s, "
+        f"{section['errors']} errors |",
+    ]
+
+
+def execution(section: dict[str, Any]) -> list[str]:
+    lines = ["| language | p50 ms | p95 ms | errors |", "|---|---|---|---|"]
+    for code, figures in sorted(section["languages"].items()):
+        lines.append(f"| `{code}` | {figures['p50_ms']} | {figures['p95_ms']} | {figures['errors']} |")
+    lines += ["", "| target (issue) | measured | met |", "|---|---|---|"]
+    for name, target in section["targets"].items():
+        lines.append(f"| {name} {target['target']} | {target['measured']} | {'yes' if target['met'] else 'no'} |")
+    baselines = section["baselines"]
+    lines += ["", "| bare, outside any jail | bare | through the API (p50) |", "|---|---|---|"]
+    for figures in baselines.values():
+        lines.append(f"| {figures['what']} | {figures['bare_ms']} ms | {figures['api_p50_ms']} ms |")
+    return lines
+
+
+def render(report: dict[str, Any]) -> str:
+    parts = []
+    if "foundation" in report:
+        parts += [*foundation(report["foundation"]), ""]
+    if "exec" in report:
+        parts += [*execution(report["exec"]), ""]
+        parts.append(f"Measured {report['exec']['measured_at']} ({report['exec']['method']}).")
+    return "\n".join(parts).strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--write", action="store_true", help="replace the section between the README's markers")
+    args = parser.parse_args()
+    text = render(json.loads((HERE / "report.json").read_text()))
+    if not args.write:
+        print(text)
+        return
+    readme = README.read_text()
+    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(readme):
+        raise SystemExit(f"README.md has no {START} ... {END} section")
+    README.write_text(pattern.sub(lambda _: f"{START}\n{text}\n{END}", readme))
+
+
+if __name__ == "__main__":
+    main()
