@@ -91,12 +91,6 @@ class NotFound(InterpreterError):
     message = "Not found"
 
 
-class PayloadTooLarge(InterpreterError):
-    status = 413
-    error_type = "resource_exhausted"
-    message = "Request body too large"
-
-
 class RateLimited(InterpreterError):
     status = 429
     error_type = "rate_limited"

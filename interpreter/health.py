@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -91,7 +90,3 @@ class HealthRegistry:
                 "unhealthy_services": statuses.count("unhealthy"),
             },
         }
-
-
-def monotonic_uptime(started_at: float) -> float:
-    return round(time.monotonic() - started_at, 3)

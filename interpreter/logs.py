@@ -1,7 +1,8 @@
 """Logging: JSON or text lines to stderr or a rotating file, with secrets and query strings redacted.
 
-Callers pass structured fields as keyword arguments: ``log.info("run finished", language="py")``.
-Every line carries the current request id when there is one. Keys, query strings and
+Callers use stdlib loggers and pass structured fields as
+``log.info("run finished", extra={"fields": {"language": "py"}})``. Every line carries the current
+request id when there is one. Keys, query strings and
 registered secret values are scrubbed from every line, whatever logger produced it (hypercorn's
 included), so a mistake elsewhere cannot leak them.
 """
@@ -24,39 +25,6 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("req
 _QUERY = re.compile(r"(?<=[\w/])\?[^\s\"']*")
 _KEY_HEADERS = re.compile(r"(?i)((?:x-api-key|authorization)[\"']?\s*[:=]\s*[\"']?)([^\s\"',}]+(?: [^\s\"',}]+)?)")
 _RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
-
-
-class Log:
-    """A thin structured front over a stdlib logger: ``log.warning("msg", field=value)``."""
-
-    def __init__(self, name: str) -> None:
-        self.logger = logging.getLogger(name)
-
-    def _emit(self, level: int, msg: str, exc_info: bool, fields: dict[str, Any]) -> None:
-        if self.logger.isEnabledFor(level):
-            self.logger.log(level, msg, exc_info=exc_info, extra={"fields": fields}, stacklevel=3)
-
-    def debug(self, msg: str, **fields: Any) -> None:
-        self._emit(logging.DEBUG, msg, False, fields)
-
-    def info(self, msg: str, **fields: Any) -> None:
-        self._emit(logging.INFO, msg, False, fields)
-
-    def warning(self, msg: str, **fields: Any) -> None:
-        self._emit(logging.WARNING, msg, False, fields)
-
-    def error(self, msg: str, **fields: Any) -> None:
-        self._emit(logging.ERROR, msg, False, fields)
-
-    def exception(self, msg: str, **fields: Any) -> None:
-        self._emit(logging.ERROR, msg, True, fields)
-
-    def log(self, level: int, msg: str, **fields: Any) -> None:
-        self._emit(level, msg, False, fields)
-
-
-def get_logger(name: str) -> Log:
-    return Log(name)
 
 
 class Redactor(logging.Filter):

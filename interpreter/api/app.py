@@ -15,7 +15,7 @@ from interpreter.api import asgi
 from interpreter.api.envelope import envelope
 from interpreter.auth.keys import KeyAuthenticator
 from interpreter.auth.principals import Principal
-from interpreter.errors import AuthenticationFailed, InterpreterError, UnsupportedMediaType
+from interpreter.errors import InterpreterError, UnsupportedMediaType
 from interpreter.execution.executor import Executor
 from interpreter.health import HealthRegistry
 from interpreter.settings import Settings
@@ -168,11 +168,3 @@ def _envelope_response(
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response
-
-
-def require_principal() -> Principal:
-    """For routes reachable without a key that still need to know the caller."""
-    principal: Principal | None = g.get("principal")
-    if principal is None:
-        raise AuthenticationFailed("API key is required")
-    return principal

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 import time
@@ -45,7 +44,3 @@ def envelope(
     if retry_after_s is not None:
         body["retry_after_seconds"] = retry_after_s
     return body
-
-
-def envelope_bytes(status: int, message: str, *, request_id: str | None) -> bytes:
-    return json.dumps(envelope(status, message, request_id=request_id)).encode()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from interpreter.logs import configure_logging, get_logger, request_id_var
+from interpreter.logs import configure_logging, request_id_var
 
 SECRET = "sk-very-secret-key-0123456789"
 
@@ -53,7 +53,7 @@ def test_json_lines_carry_fields_and_request_id(tmp_path: Path) -> None:
     path = setup(tmp_path)
     token = request_id_var.set("req-123456789")
     try:
-        get_logger("interpreter.test").info("run finished", language="py", exit_code=0)
+        logging.getLogger("interpreter.test").info("run finished", extra={"fields": {"language": "py", "exit_code": 0}})
     finally:
         request_id_var.reset(token)
     (line,) = lines(path)
@@ -67,8 +67,8 @@ def test_json_lines_carry_fields_and_request_id(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("restore_logging")
 def test_secrets_and_query_strings_are_scrubbed_everywhere(tmp_path: Path) -> None:
     path = setup(tmp_path)
-    log = get_logger("interpreter.test")
-    log.warning(f"key was {SECRET}", header=f"x-api-key: {SECRET}")
+    log = logging.getLogger("interpreter.test")
+    log.warning(f"key was {SECRET}", extra={"fields": {"header": f"x-api-key: {SECRET}"}})
     log.info("GET /files/abc?api_key=hunter2&x=1 done")
     logging.getLogger("hypercorn.error").warning("request %s", "/v1/exec?token=abcdef")
     logging.getLogger("thirdparty").error("auth header authorization: Basic c2VjcmV0Og==")
@@ -86,7 +86,7 @@ def test_secrets_and_query_strings_are_scrubbed_everywhere(tmp_path: Path) -> No
 @pytest.mark.usefixtures("restore_logging")
 def test_text_format(tmp_path: Path) -> None:
     path = setup(tmp_path, fmt="text")
-    get_logger("interpreter.test").warning("hello", a=1)
+    logging.getLogger("interpreter.test").warning("hello", extra={"fields": {"a": 1}})
     (line,) = path.read_text().splitlines()
     assert "WARNING" in line
     assert "interpreter.test: hello a=1" in line
@@ -95,7 +95,7 @@ def test_text_format(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("restore_logging")
 def test_level_filters(tmp_path: Path) -> None:
     path = setup(tmp_path, level="WARNING")
-    log = get_logger("interpreter.test")
+    log = logging.getLogger("interpreter.test")
     log.info("quiet")
     log.warning("loud")
     assert [line["msg"] for line in lines(path)] == ["loud"]
@@ -104,9 +104,9 @@ def test_level_filters(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("restore_logging")
 def test_file_rotation_keeps_backup_count(tmp_path: Path) -> None:
     path = setup(tmp_path, max_size_mib=0.01, backup_count=2)  # ~10 KiB per file
-    log = get_logger("interpreter.test")
+    log = logging.getLogger("interpreter.test")
     for i in range(400):
-        log.info("filler line", n=i, pad="x" * 100)
+        log.info("filler line", extra={"fields": {"n": i, "pad": "x" * 100}})
     files = sorted(p.name for p in path.parent.iterdir())
     assert files == ["server.log", "server.log.1", "server.log.2"]
     assert all(p.stat().st_size <= 11 * 1024 for p in path.parent.iterdir())
@@ -115,6 +115,6 @@ def test_file_rotation_keeps_backup_count(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("restore_logging")
 def test_security_logs_can_be_turned_off(tmp_path: Path) -> None:
     path = setup(tmp_path, security_logs=False)
-    get_logger("interpreter.security").warning("authentication failed")
-    get_logger("interpreter.test").warning("other")
+    logging.getLogger("interpreter.security").warning("authentication failed")
+    logging.getLogger("interpreter.test").warning("other")
     assert [line["msg"] for line in lines(path)] == ["other"]
