@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from interpreter import __version__
 from interpreter.errors import SettingsError
 from interpreter.settings import Settings, load_settings
+from interpreter.stores.protocols import StoreError
 
 EXIT_CONFIG = 2
 
@@ -48,14 +49,25 @@ def _serve() -> int:
         ],
         security_logs=settings.enable_security_logs,
     )
+    status = 0
     try:
         trio.run(serve, settings)
-    except SettingsError as exc:
-        print(f"interpreter: invalid configuration: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    except* SettingsError as group:  # also when raised inside a nursery (wrapped in a group)
+        print(f"interpreter: invalid configuration: {_first(group)}", file=sys.stderr)
+        status = EXIT_CONFIG
+    except* StoreError as group:
+        print(f"interpreter: storage unavailable at start: {_first(group)}", file=sys.stderr)
+        status = 1
+    except* KeyboardInterrupt:
+        status = 130
+    return status
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
 
 
 def _doctor() -> int:

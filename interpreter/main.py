@@ -27,6 +27,7 @@ from interpreter.errors import SettingsError
 from interpreter.execution.setup import Execution, open_execution, sandbox_check
 from interpreter.health import CheckResult, HealthRegistry
 from interpreter.settings import DEFAULT_API_KEY, LOOPBACK_HOSTS, Settings
+from interpreter.stores.open import open_stores, register_store_checks
 from sandboxes.nsjail import locate_nsjail
 from supervisors import reaper
 from supervisors.sd_notify import Notifier, run_watchdog
@@ -180,19 +181,23 @@ async def serve(
         await shutdown_trigger()
         notifier.notify("STOPPING=1")
 
+    # Outer resources first (STYLE §3): the sandbox host, the asyncio bridge, the stores.
     with open_execution(settings) as execution:
-        health.register("sandbox", partial(_async, sandbox_check, execution))
-        deps = AppDeps(
-            settings=settings,
-            health=health,
-            authenticator=authenticator,
-            started_at=started_at,
-            executor=execution.executor,
-            languages=execution.languages,
-        )
-        await _serve_with(
-            settings, deps, execution, board, notifier, hyper, stop_when_triggered, blueprints, task_status
-        )
+        async with trio_asyncio.open_loop(), open_stores(settings) as stores:
+            health.register("sandbox", partial(_async, sandbox_check, execution))
+            register_store_checks(health, stores)
+            deps = AppDeps(
+                settings=settings,
+                health=health,
+                authenticator=authenticator,
+                started_at=started_at,
+                executor=execution.executor,
+                languages=execution.languages,
+                stores=stores,
+            )
+            await _serve_with(
+                settings, deps, execution, board, notifier, hyper, stop_when_triggered, blueprints, task_status
+            )
     log.info("stopped")
 
 
@@ -201,7 +206,7 @@ async def _serve_with(
     hyper: HyperConfig, stop_when_triggered: ShutdownTrigger, blueprints: Iterable[Blueprint],
     task_status: trio.TaskStatus[list[str]],
 ) -> None:  # fmt: skip
-    async with trio_asyncio.open_loop(), trio.open_nursery() as services:
+    async with trio.open_nursery() as services:
         watchdog = partial(run_watchdog, notifier, board.healthy)
         await services.start(partial(supervise, watchdog, name="watchdog", board=board))
         reaper_service = partial(reaper.run, execution.reaper, execution.runner.is_active)

@@ -40,6 +40,8 @@ SANDBOX_REQUIREMENTS=(
 )
 # The S3 server of the integration tests. Its own venv: it needs a boto3 that the app's aiobotocore pin forbids.
 MOTO_REQUIREMENTS=("moto[server]")
+# Tools the exploit tests run inside jails to show they are denied (ip, strace, gdb): test mode only.
+TEST_APT_PACKAGES=(iproute2 strace gdb)
 
 export DEBIAN_FRONTEND=noninteractive
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
@@ -90,6 +92,7 @@ install_system_packages() {
     # This image has NodeSource's nodejs, which bundles npm and conflicts with Debian's npm package;
     # a stock Debian 12 needs both from apt.
     command -v npm >/dev/null 2>&1 || wanted+=(nodejs npm)
+    [ "$mode" != test ] || wanted+=("${TEST_APT_PACKAGES[@]}")
     for pkg in "${wanted[@]}"; do
         is_installed "$pkg" || missing+=("$pkg")
     done

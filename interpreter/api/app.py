@@ -15,10 +15,12 @@ from interpreter.api import asgi
 from interpreter.api.envelope import envelope
 from interpreter.auth.keys import KeyAuthenticator
 from interpreter.auth.principals import Principal
-from interpreter.errors import InterpreterError, UnsupportedMediaType
+from interpreter.errors import InterpreterError, StoreUnavailable, UnsupportedMediaType
 from interpreter.execution.executor import Executor
 from interpreter.health import HealthRegistry
 from interpreter.settings import Settings
+from interpreter.stores.open import Stores
+from interpreter.stores.protocols import StoreError
 from sandboxes.languages import LanguageSpec
 
 log = logging.getLogger("interpreter.api")
@@ -30,6 +32,7 @@ ADMIN_PREFIX = "/api/v1/admin"
 # Bodies of these content types are accepted on POST/PUT/PATCH (as the reference does); uploads are multipart.
 ACCEPTED_BODY_TYPES = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded", "text/plain")
 UPLOAD_PATHS = ("/upload",)
+STORE_RETRY_AFTER_S = 2
 
 
 @dataclass
@@ -42,6 +45,7 @@ class AppDeps:
     started_at: float
     executor: Executor
     languages: Mapping[str, LanguageSpec]
+    stores: Stores
 
 
 def current_principal() -> Principal:
@@ -107,6 +111,12 @@ def create_app(settings: Settings, deps: AppDeps, *, blueprints: Iterable[Bluepr
             headers=exc.headers,
             retry_after_s=getattr(exc, "retry_after_s", None) if exc.status == 429 else None,
         )
+
+    @app.errorhandler(StoreError)
+    async def store_error(exc: StoreError) -> Response:
+        log.error("store call failed", extra={"fields": {"error": str(exc)}})
+        failure = StoreUnavailable(retry_after_s=STORE_RETRY_AFTER_S)
+        return _envelope_response(failure.status, str(failure), headers=failure.headers)
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

@@ -240,7 +240,9 @@ async def test_detailed_health_shape(base_url: str) -> None:
         body = (await http.get("/health/detailed")).json()
     assert set(body) == {"status", "timestamp", "services", "summary"}
     assert body["status"] in ("healthy", "degraded")
-    assert {"nsjail", "services", "security"} <= set(body["services"])
+    assert {"nsjail", "services", "security", "sandbox", "kv", "blobs"} <= set(body["services"])
+    assert body["services"]["kv"]["details"] == {"backend": "sqlite"}  # the embedded default
+    assert body["services"]["blobs"]["details"] == {"backend": "dir"}
     nsjail = body["services"]["nsjail"]
     assert {"service", "status", "timestamp", "response_time_ms"} <= set(nsjail)
     assert nsjail["status"] == "healthy"

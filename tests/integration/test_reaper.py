@@ -39,6 +39,20 @@ def test_second_instance_on_the_same_base_dir_refuses_to_start(base: Path) -> No
         assert first.stop() == 0
 
 
+def test_second_instance_on_the_same_data_dir_refuses_to_start(base: Path) -> None:
+    first = ServerProcess(base)
+    first.start()
+    try:
+        second = ServerProcess(base, SANDBOX_BASE_DIR=str(base / "other-sandboxes"))  # same DATA_DIR
+        result = subprocess.run([sys.executable, "-m", "interpreter", "serve"], env=second.env, cwd=base,
+                                capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        assert result.returncode == 2
+        assert "DATA_DIR" in result.stderr
+        assert first.healthy()
+    finally:
+        assert first.stop() == 0
+
+
 def test_successor_reaps_a_crashed_servers_jails(base: Path) -> None:
     crashed = ServerProcess(base)
     crashed.start()
