@@ -184,7 +184,7 @@ async def serve(
     # Outer resources first (STYLE §3): the sandbox host, the asyncio bridge, the stores.
     with open_execution(settings) as execution:
         async with trio_asyncio.open_loop(), open_stores(settings) as stores:
-            health.register("sandbox", partial(_async, sandbox_check, execution))
+            health.register("sandbox", partial(sandbox_check, execution))
             register_store_checks(health, stores)
             deps = AppDeps(
                 settings=settings,
@@ -195,14 +195,12 @@ async def serve(
                 languages=execution.languages,
                 stores=stores,
             )
-            await _serve_with(
-                settings, deps, execution, board, notifier, hyper, stop_when_triggered, blueprints, task_status
-            )
+            await _serve_with(deps, execution, board, notifier, hyper, stop_when_triggered, blueprints, task_status)
     log.info("stopped")
 
 
 async def _serve_with(
-    settings: Settings, deps: AppDeps, execution: Execution, board: ServiceBoard, notifier: Notifier,
+    deps: AppDeps, execution: Execution, board: ServiceBoard, notifier: Notifier,
     hyper: HyperConfig, stop_when_triggered: ShutdownTrigger, blueprints: Iterable[Blueprint],
     task_status: trio.TaskStatus[list[str]],
 ) -> None:  # fmt: skip
@@ -214,7 +212,7 @@ async def _serve_with(
         await services.start(partial(supervise, execution.executor.run, name="executor", board=board))
         # HTTP binds last and drains first: its nursery ends when hypercorn has drained.
         async with trio.open_nursery() as http:
-            app = create_app(settings, deps, blueprints=blueprints)
+            app = create_app(deps, blueprints=blueprints)
             binds: list[str] = await http.start(
                 partial(hypercorn_serve, app, hyper, shutdown_trigger=stop_when_triggered)  # type: ignore[arg-type]
             )
@@ -222,7 +220,3 @@ async def _serve_with(
             notifier.notify("READY=1")
             task_status.started(binds)
         services.cancel_scope.cancel()
-
-
-async def _async(check: Callable[[Execution], CheckResult], execution: Execution) -> CheckResult:
-    return check(execution)

@@ -57,11 +57,12 @@ def _client_ip() -> str:
     return request.remote_addr or "?"
 
 
-def create_app(settings: Settings, deps: AppDeps, *, blueprints: Iterable[Blueprint] = ()) -> asgi.ASGIApp:
+def create_app(deps: AppDeps, *, blueprints: Iterable[Blueprint] = ()) -> asgi.ASGIApp:
     """The ASGI application: the Quart app wrapped in our middleware.
 
-    ``blueprints`` are the feature routers of later components (exec, files, admin, ...).
+    ``blueprints`` are extra routers mounted beside the built-in ones (tests mount routes there).
     """
+    settings = deps.settings
     from interpreter.api import execute, health, openapi  # imported here: they import this module
 
     app = QuartTrio("interpreter")

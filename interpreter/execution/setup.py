@@ -103,7 +103,7 @@ def open_execution(settings: Settings) -> Iterator[Execution]:
         os.close(lock_fd)
 
 
-def sandbox_check(execution: Execution) -> CheckResult:
+async def sandbox_check(execution: Execution) -> CheckResult:
     """Health: cgroups available (limits enforced) and how busy the executor is."""
     stats = execution.executor.statistics()
     details = {
