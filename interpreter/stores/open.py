@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -13,6 +12,7 @@ from interpreter.errors import SettingsError
 from interpreter.health import Check, CheckResult, HealthRegistry
 from interpreter.settings import Settings
 from interpreter.stores.protocols import KV, Blobs, StoreError
+from sandboxes.host import HostError, take_instance_lock
 
 log = logging.getLogger("interpreter.stores")
 
@@ -26,13 +26,10 @@ class Stores:
 def _lock_data_dir(settings: Settings) -> int:
     """The embedded store belongs to one process: an exclusive flock on <DATA_DIR>/.lock."""
     settings.data_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    fd = os.open(settings.data_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SettingsError(f"DATA_DIR: another instance is using {settings.data_dir}") from None
-    return fd
+        return take_instance_lock(settings.data_dir / ".lock")
+    except HostError as exc:
+        raise SettingsError(f"DATA_DIR: {exc}") from None
 
 
 @asynccontextmanager
