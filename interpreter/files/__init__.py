@@ -1,0 +1,1 @@
+"""Files of sessions: names, and (with the sessions issue) upload, mounting and collection."""
