@@ -101,19 +101,16 @@ def test_malformed_json_and_wrong_content_type(server: ServerProcess) -> None:
 
 
 def test_slow_reply_starts_with_keepalives(server: ServerProcess) -> None:
-    started = time.monotonic()
-    first_byte_at = None
-    body = b""
-    with httpx.stream("POST", f"{server.url}/exec", json={"code": "sleep 4; echo late", "lang": "bash"},
+    with httpx.stream("POST", f"{server.url}/exec", json={"code": "sleep 5; echo late", "lang": "bash"},
                       headers=server.headers, timeout=30) as response:  # fmt: skip
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("application/json")
-        for chunk in response.iter_raw():
-            if first_byte_at is None and chunk:
-                first_byte_at = time.monotonic() - started
-            body += chunk
-    assert first_byte_at is not None
-    assert first_byte_at < 3.9  # the keepalive came while the program was still sleeping
+        chunks = response.iter_raw()
+        body = next(chunks)
+        # Causal, not timed: when the first byte is here, the program is still running.
+        sandbox = httpx.get(f"{server.url}/health/detailed", headers=server.headers, timeout=10).json()
+        assert sandbox["services"]["sandbox"]["details"]["running"] == 1
+        body += b"".join(chunks)
     assert body.startswith(b" ")
     result = httpx.Response(200, content=body).json()  # leading whitespace is valid JSON
     assert result["stdout"] == "late\n"
@@ -134,7 +131,7 @@ def test_request_timeout_is_clamped_to_max_execution_time(tight: ServerProcess) 
     assert "after 3 s" in result["stderr"]
 
 
-def test_queue_full_is_503_with_retry_after_and_health_stays_fast(tight: ServerProcess) -> None:
+def test_queue_full_is_503_with_retry_after_and_health_answers_meanwhile(tight: ServerProcess) -> None:
     results: list[int] = []
 
     def slow() -> None:
@@ -145,17 +142,17 @@ def test_queue_full_is_503_with_retry_after_and_health_stays_fast(tight: ServerP
         thread.start()
         time.sleep(0.3)
     refused = post(tight, {"code": "echo never", "lang": "bash"})
-    t0 = time.monotonic()
     health = httpx.get(f"{tight.url}/health/detailed", headers=tight.headers, timeout=10)
-    health_s = time.monotonic() - t0
     for thread in threads:
         thread.join()
     assert refused.status_code == 503
     assert refused.json()["error_type"] == "service_unavailable"
     assert int(refused.headers["retry-after"]) >= 1
-    assert health.status_code == 200
-    assert health.json()["services"]["sandbox"]["details"]["running"] == 1
-    assert health_s < 1.0
+    assert health.status_code == 200  # answered while the runs were busy (not after them):
+    assert (
+        health.json()["services"]["sandbox"]["details"] | {"running": 1, "waiting": 1}
+        == health.json()["services"]["sandbox"]["details"]
+    )
     assert results == [200, 200]
 
 
@@ -164,9 +161,8 @@ def test_client_disconnect_cancels_the_run(server: ServerProcess) -> None:
     with httpx.stream("POST", f"{server.url}/exec", json={"code": f"sleep 60; echo > {marker}", "lang": "bash"},
                       headers=server.headers, timeout=30) as response:  # fmt: skip
         assert next(response.iter_raw()) == b" "  # the run is under way; now hang up
-    started = time.monotonic()
+    # Cancelled, not left to reach the 20 s limit: gone within wait_clean's 10 s.
     assert server.wait_clean(timeout_s=10) == {"run_dirs": [], "cgroups": [], "processes": []}
-    assert time.monotonic() - started < 5  # cancelled at once, not at the 20 s limit
     assert server.healthy()
 
 

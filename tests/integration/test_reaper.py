@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,29 +24,24 @@ def base() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_second_instance_on_the_same_base_dir_refuses_to_start(base: Path) -> None:
+@pytest.mark.parametrize(
+    ("second_env", "message"),
+    [
+        ({}, "SANDBOX_BASE_DIR: another instance"),  # the same base dir (and data dir)
+        ({"SANDBOX_BASE_DIR": "other-sandboxes"}, "DATA_DIR: another instance"),  # only the data dir shared
+    ],
+)
+def test_second_instance_on_the_same_dirs_refuses_to_start(
+    base: Path, second_env: dict[str, str], message: str
+) -> None:
     first = ServerProcess(base)
     first.start()
     try:
-        second = ServerProcess(base)
+        second = ServerProcess(base, **{key: str(base / value) for key, value in second_env.items()})
         result = subprocess.run([sys.executable, "-m", "interpreter", "serve"], env=second.env, cwd=base,
                                 capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
         assert result.returncode == 2
-        assert "another instance" in result.stderr
-        assert first.healthy()
-    finally:
-        assert first.stop() == 0
-
-
-def test_second_instance_on_the_same_data_dir_refuses_to_start(base: Path) -> None:
-    first = ServerProcess(base)
-    first.start()
-    try:
-        second = ServerProcess(base, SANDBOX_BASE_DIR=str(base / "other-sandboxes"))  # same DATA_DIR
-        result = subprocess.run([sys.executable, "-m", "interpreter", "serve"], env=second.env, cwd=base,
-                                capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
-        assert result.returncode == 2
-        assert "DATA_DIR" in result.stderr
+        assert message in result.stderr
         assert first.healthy()
     finally:
         assert first.stop() == 0
@@ -86,7 +80,7 @@ def test_graceful_stop_leaves_nothing_behind(base: Path) -> None:
                       headers=server.headers, timeout=30) as response:  # fmt: skip
         chunks = response.iter_raw()  # held: the request stays in flight through the shutdown
         assert next(chunks) == b" "
-        started = time.monotonic()
-        assert server.stop() == 0  # drains for SHUTDOWN_GRACE_SECONDS (5 s here), then cancels the run
-    assert time.monotonic() - started < 15
+        # Drains for SHUTDOWN_GRACE_SECONDS (5 s here), then cancels the run: stop() would time out
+        # (and not return 0) if the server waited for the 120 s program.
+        assert server.stop() == 0
     assert server.leftovers() == {"run_dirs": [], "cgroups": [], "processes": []}
