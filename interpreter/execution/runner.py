@@ -136,8 +136,10 @@ class Runner:
         try:
             if launch.cgroup is not None:
                 launch.cgroup.set_limits(limits.memory_bytes, limits.pids)
-            # Java's class detection reads the whole source: off the event loop.
-            source, main = await trio.to_thread.run_sync(source_name, job.language, job.code)
+            if job.language.source_naming == "fixed":
+                source, main = source_name(job.language, job.code)
+            else:  # Java's class detection reads the whole source: off the event loop
+                source, main = await trio.to_thread.run_sync(source_name, job.language, job.code)
             _write_source(launch.run_dir / source, job.code, cfg.identity)
             return await self._run_jail(job, limits, launch, source, main, on_output)
         finally:
