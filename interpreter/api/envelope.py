@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import re
-import secrets
 import time
 from typing import Any
 
 from interpreter.errors import error_type_for
+from interpreter.ids import new_id
 
-_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_-"
 _SAFE_INCOMING_ID = re.compile(r"^[A-Za-z0-9._:-]{8,64}$")
 
 
 def new_request_id() -> str:
     """A 21-character nanoid-style id, as the reference uses."""
-    return "".join(secrets.choice(_ALPHABET) for _ in range(21))
+    return new_id()
 
 
 def request_id_from(incoming: str | None) -> str:
