@@ -25,11 +25,13 @@ from interpreter.api.app import AppDeps, create_app
 from interpreter.auth.keys import KeyAuthenticator
 from interpreter.errors import SettingsError
 from interpreter.execution.setup import Execution, open_execution, sandbox_check
+from interpreter.files.catalog import Catalog
 from interpreter.health import CheckResult, HealthRegistry
 from interpreter.settings import DEFAULT_API_KEY, LOOPBACK_HOSTS, Settings
 from interpreter.stores.open import open_stores, register_store_checks
+from interpreter.stores.protocols import StoreError
 from sandboxes.nsjail import locate_nsjail
-from supervisors import reaper
+from supervisors import reaper, session_cleanup
 from supervisors.sd_notify import Notifier, run_watchdog
 from supervisors.supervise import ServiceBoard, supervise
 
@@ -194,6 +196,7 @@ async def serve(
                 executor=execution.executor,
                 languages=execution.languages,
                 stores=stores,
+                catalog=Catalog(stores.kv, stores.blobs, ttl_s=settings.session_ttl_h * 3600),
             )
             await _serve_with(deps, execution, board, notifier, hyper, stop_when_triggered, blueprints, task_status)
     log.info("stopped")
@@ -210,6 +213,10 @@ async def _serve_with(
         reaper_service = partial(reaper.run, execution.reaper, execution.runner.is_active)
         await services.start(partial(supervise, reaper_service, name="reaper", board=board))
         await services.start(partial(supervise, execution.executor.run, name="executor", board=board))
+        settings = deps.settings
+        cleanup = partial(session_cleanup.run, deps.catalog, settings.session_cleanup_interval_min * 60,
+                          settings.enable_orphan_s3_cleanup, (StoreError,))  # fmt: skip
+        await services.start(partial(supervise, cleanup, name="session_cleanup", board=board))
         # HTTP binds last and drains first: its nursery ends when hypercorn has drained.
         async with trio.open_nursery() as http:
             app = create_app(deps, blueprints=blueprints)

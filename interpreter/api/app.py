@@ -7,16 +7,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from quart import Blueprint, Response, g, jsonify, request
+from quart import Blueprint, Response, current_app, g, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from interpreter.api import asgi
+from interpreter.api.backpressure import BoundedHTTPConnection, BoundedRequest
 from interpreter.api.envelope import envelope
 from interpreter.auth.keys import KeyAuthenticator
 from interpreter.auth.principals import Principal
 from interpreter.errors import InterpreterError, StoreUnavailable, UnsupportedMediaType
 from interpreter.execution.executor import Executor
+from interpreter.files.catalog import Catalog
 from interpreter.health import HealthRegistry
 from interpreter.settings import Settings
 from interpreter.stores.open import Stores
@@ -46,6 +48,12 @@ class AppDeps:
     executor: Executor
     languages: Mapping[str, LanguageSpec]
     stores: Stores
+    catalog: Catalog
+
+
+def current_deps() -> AppDeps:
+    deps: AppDeps = current_app.extensions["deps"]
+    return deps
 
 
 def current_principal() -> Principal:
@@ -63,9 +71,11 @@ def create_app(deps: AppDeps, *, blueprints: Iterable[Blueprint] = ()) -> asgi.A
     ``blueprints`` are extra routers mounted beside the built-in ones (tests mount routes there).
     """
     settings = deps.settings
-    from interpreter.api import execute, health, openapi  # imported here: they import this module
+    from interpreter.api import execute, files, health, openapi, upload  # imported here: they import this module
 
     app = QuartTrio("interpreter")
+    app.request_class = BoundedRequest
+    app.asgi_http_class = BoundedHTTPConnection
     app.config.update(
         MAX_CONTENT_LENGTH=None,  # BodyCap enforces per-route caps while the body streams in
         PROVIDE_AUTOMATIC_OPTIONS=False,  # OPTIONS is CORS' business; without CORS it is a 405
@@ -139,6 +149,8 @@ def create_app(deps: AppDeps, *, blueprints: Iterable[Blueprint] = ()) -> asgi.A
 
     app.register_blueprint(health.blueprint)
     app.register_blueprint(execute.blueprint)
+    app.register_blueprint(upload.blueprint)
+    app.register_blueprint(files.blueprint)
     if settings.enable_docs:
         app.register_blueprint(openapi.blueprint)
     for blueprint in blueprints:

@@ -11,18 +11,22 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from quart import Blueprint, Response, current_app
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from quart import Blueprint, Response
 
-from interpreter.api.app import AppDeps, current_principal
+from interpreter.api.app import current_deps, current_principal
 from interpreter.api.bodies import json_body
-from interpreter.api.envelope import envelope, new_request_id
+from interpreter.api.envelope import envelope
 from interpreter.api.openapi import documented
 from interpreter.errors import BadRequest, InterpreterError, ServiceUnavailable
 from interpreter.execution.executor import RunHandle, clamp_timeout_s, wait_or_timeout
 from interpreter.execution.runner import Job, RunResult
+from interpreter.execution.sessions import Resolved, resolve_session
+from interpreter.execution.workspace import FileLimits, Ref, Workspace, plan_workspace
+from interpreter.settings import Settings
 
 log = logging.getLogger("interpreter.exec")
 blueprint = Blueprint("exec", __name__)
@@ -33,11 +37,23 @@ ENTITY_ID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 
 
 class FileRef(BaseModel):
+    """Either client generation's shape: ``{id, session_id, name}`` or ``{id, storage_session_id, name, ...}``."""
+
     model_config = ConfigDict(extra="allow")
     id: str
     name: str
     session_id: str | None = None
     storage_session_id: str | None = None
+
+    @model_validator(mode="after")
+    def _has_session(self) -> FileRef:
+        if not (self.storage_session_id or self.session_id):
+            raise ValueError("a file reference needs session_id or storage_session_id")
+        return self
+
+    @property
+    def ref(self) -> Ref:
+        return Ref(session_id=self.storage_session_id or self.session_id or "", file_id=self.id, name=self.name)
 
 
 class ExecRequest(BaseModel):
@@ -49,8 +65,9 @@ class ExecRequest(BaseModel):
     args: Any = None
     stdin: str | None = Field(None, description="Given to the program on its standard input")
     session_id: str | None = None
+    runtime_session_hint: str | None = Field(None, max_length=512, description="An opaque host key of a session")
     files: list[FileRef] = Field(default_factory=list)
-    user_id: str | None = None
+    user_id: str | None = Field(None, max_length=256)
     entity_id: str | None = None
     timeout: int | None = Field(None, ge=1000, le=300_000, description="milliseconds")
 
@@ -74,6 +91,7 @@ class ExecResponse(BaseModel):
     truncated: bool
     runtime_session_id: str
     runtime_status: Literal["new", "reused", "restored"]
+    deleted_files: list[str] = Field(default_factory=list, description="Mounted files the run deleted")
 
 
 def normalize_args(value: Any) -> tuple[str, ...]:
@@ -87,13 +105,8 @@ def normalize_args(value: Any) -> tuple[str, ...]:
     return (str(value),)
 
 
-def _deps() -> AppDeps:
-    deps: AppDeps = current_app.extensions["deps"]
-    return deps
-
-
 def build_job(body: ExecRequest) -> Job:
-    deps = _deps()
+    deps = current_deps()
     code = body.lang.strip().lower()
     language = deps.languages.get(code)
     if language is None:
@@ -118,14 +131,34 @@ def build_job(body: ExecRequest) -> Job:
     return Job(language=language, code=body.code, args=args, stdin=stdin, timeout_s=timeout_s)
 
 
-def render(result: RunResult, language: str, session_id: str) -> dict[str, Any]:
+def file_limits(settings: Settings) -> FileLimits:
+    return FileLimits(
+        max_file_bytes=settings.max_file_size_mib * 1024 * 1024,
+        max_output_files=settings.max_output_files,
+        max_files_per_session=settings.max_files_per_session,
+        max_name_bytes=settings.max_filename_length,
+    )
+
+
+@dataclass(frozen=True)
+class RunContext:
+    language: str
+    resolved: Resolved
+    workspace: Workspace
+    principal_id: str
+
+
+def render(result: RunResult, context: RunContext) -> dict[str, Any]:
     stderr = result.stderr.decode("utf-8", errors="replace")
-    if result.notes:
-        stderr += ("" if not stderr or stderr.endswith("\n") else "\n") + "\n".join(result.notes) + "\n"
+    notes = [*result.notes, *context.workspace.notes]
+    if notes:
+        stderr += ("" if not stderr or stderr.endswith("\n") else "\n") + "\n".join(notes) + "\n"
+    session_id = context.resolved.session.id
     return ExecResponse(
-        session_id=session_id, files=[], stdout=result.stdout.decode("utf-8", errors="replace"), stderr=stderr,
-        exit_code=result.exit_code, status=result.status, duration_ms=result.duration_ms, language=language,
-        truncated=result.truncated, runtime_session_id=session_id, runtime_status="new",
+        session_id=session_id, files=context.workspace.files, stdout=result.stdout.decode("utf-8", errors="replace"),
+        stderr=stderr, exit_code=result.exit_code, status=result.status, duration_ms=result.duration_ms,
+        language=context.language, truncated=result.truncated, runtime_session_id=session_id,
+        runtime_status=context.resolved.status, deleted_files=context.workspace.deleted,
     ).model_dump()  # fmt: skip
 
 
@@ -142,31 +175,32 @@ def render(result: RunResult, language: str, session_id: str) -> dict[str, Any]:
 )  # fmt: skip
 async def exec_code() -> Response | dict[str, Any]:
     body = await json_body(ExecRequest)
-    job = build_job(body)
-    deps = _deps()
+    job = build_job(body)  # every validation error before any store is touched
+    deps = current_deps()
     principal = current_principal()
-    session_id = new_request_id()  # a 21-character nanoid, like the reference's sessions
-    language = job.language.code
-    handle = deps.executor.submit(job)  # 503 here, before any byte of the reply
+    refs = [file.ref for file in body.files]
+    resolved = await resolve_session(
+        deps.catalog, principal.storage_prefix, user_id=body.user_id, session_id=body.session_id,
+        hint=body.runtime_session_hint, file_session_ids=[ref.session_id for ref in refs], entity_id=body.entity_id,
+    )  # fmt: skip
+    workspace = await plan_workspace(deps.catalog, resolved.session, refs, file_limits(deps.settings))
+    context = RunContext(job.language.code, resolved, workspace, principal.id)
+    handle = deps.executor.submit(replace(job, files=workspace))  # 503 here, before any byte of the reply
     finished = False
     try:
         if await wait_or_timeout(handle, KEEPALIVE_AFTER_S):
             result = await handle.wait()
             finished = True
-            _log_run(result, language, principal.id)
-            return render(result, language, session_id)
+            _log_run(result, context)
+            return render(result, context)
         finished = True  # the stream below owns the handle from here
     finally:
         if not finished:
             handle.cancel()  # the client went away while we waited
-    return Response(
-        _keepalive_stream(handle, language, session_id, principal.id), status=200, content_type="application/json"
-    )
+    return Response(_keepalive_stream(handle, context), status=200, content_type="application/json")
 
 
-async def _keepalive_stream(
-    handle: RunHandle, language: str, session_id: str, principal_id: str
-) -> AsyncIterator[bytes]:
+async def _keepalive_stream(handle: RunHandle, context: RunContext) -> AsyncIterator[bytes]:
     try:
         yield b" "
         while not await wait_or_timeout(handle, KEEPALIVE_EVERY_S):
@@ -181,15 +215,16 @@ async def _keepalive_stream(
             failure = ServiceUnavailable("Unexpected error during code execution")
             yield json.dumps(envelope(503, str(failure), request_id=None)).encode()
             return
-        _log_run(result, language, principal_id)
-        yield json.dumps(render(result, language, session_id)).encode()
+        _log_run(result, context)
+        yield json.dumps(render(result, context)).encode()
     finally:
         handle.cancel()  # a no-op once done; cancels the run when the client disconnected
 
 
-def _log_run(result: RunResult, language: str, principal_id: str) -> None:
+def _log_run(result: RunResult, context: RunContext) -> None:
     log.info(
         "run finished",
-        extra={"fields": {"language": language, "status": result.status, "exit_code": result.exit_code,
-                          "duration_ms": result.duration_ms, "principal": principal_id}},
+        extra={"fields": {"language": context.language, "status": result.status, "exit_code": result.exit_code,
+                          "duration_ms": result.duration_ms, "principal": context.principal_id,
+                          "session": context.resolved.session.id, "files_out": len(context.workspace.files)}},
     )  # fmt: skip

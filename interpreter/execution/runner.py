@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import trio
 
@@ -44,6 +44,14 @@ class SandboxBroken(ServiceUnavailable):
     message = "The sandbox could not be started"
 
 
+class RunFiles(Protocol):
+    """Files that go into the run directory before the jail starts and come out after it ends."""
+
+    async def stage(self, run_dir: Path, source: str, identity: Identity) -> None: ...
+
+    async def collect(self, run_dir: Path, source: str) -> None: ...
+
+
 @dataclass(frozen=True)
 class Job:
     language: LanguageSpec
@@ -51,6 +59,7 @@ class Job:
     args: tuple[str, ...] = ()
     stdin: bytes | None = None
     timeout_s: int = 30
+    files: RunFiles | None = None
 
 
 @dataclass
@@ -141,7 +150,12 @@ class Runner:
             else:  # Java's class detection reads the whole source: off the event loop
                 source, main = await trio.to_thread.run_sync(source_name, job.language, job.code)
             _write_source(launch.run_dir / source, job.code, cfg.identity)
-            return await self._run_jail(job, limits, launch, source, main, on_output)
+            if job.files is not None:
+                await job.files.stage(launch.run_dir, source, cfg.identity)
+            result = await self._run_jail(job, limits, launch, source, main, on_output)
+            if job.files is not None:
+                await job.files.collect(launch.run_dir, source)
+            return result
         finally:
             await discard(launch, self.active)  # stops whatever is left, unmounts, removes the cgroup
 
