@@ -3,7 +3,7 @@
 Keys (``<p>`` is the owner's storage prefix, a hash of the principal id, DESIGN §9):
 
     sess:<p>:<sid>                  the session (JSON); expires SESSION_TTL_HOURS after its last use
-    file:<p>:<sid>:<fid>            a file's metadata (JSON); lives as long as its session
+    files:<p>:<sid>                 a hash: file id → the file's metadata (JSON); one call lists a session
     link:<p>:<rule>:<digest>        runtime_session_hint or entity_id (per user) → session id; same TTL,
                                     so links expire by themselves
     live:<sid>                      ``<p>`` for every session created: how the cleanup finds expired ones
@@ -122,19 +122,15 @@ class Catalog:
 
     async def files(self, session: Session) -> list[FileRecord]:
         """Every file of the session, oldest first."""
-        prefix = f"file:{session.owner}:{session.id}:"
-        records = []
-        for key in await self.kv.keys(prefix):
-            record = _load(FileRecord, await self.kv.get(key))
-            if record is not None and record.session_id == session.id:
-                records.append(record)
-        return sorted(records, key=lambda r: (r.created, r.id))
+        found = await self.kv.hgetall(f"files:{session.owner}:{session.id}")
+        records = [record for raw in found.values() if (record := _load(FileRecord, raw)) is not None]
+        return sorted((r for r in records if r.session_id == session.id), key=lambda r: (r.created, r.id))
 
     async def file(self, owner: str, session_id: object, file_id: object) -> FileRecord | None:
         session = await self.session(owner, session_id)
         if session is None or not is_id(file_id):
             return None
-        record: FileRecord | None = _load(FileRecord, await self.kv.get(f"file:{owner}:{session.id}:{file_id}"))
+        record: FileRecord | None = _load(FileRecord, await self.kv.hget(f"files:{owner}:{session.id}", file_id))
         return record if record is not None and record.session_id == session.id else None
 
     @staticmethod
@@ -154,7 +150,7 @@ class Catalog:
     async def add(self, session: Session, record: FileRecord) -> None:
         """Make a stored blob visible as a file; on failure the blob is removed (best effort) and the error raised."""
         try:
-            await self.kv.set(f"file:{session.owner}:{session.id}:{record.id}", _dump(record))
+            await self.kv.hset(f"files:{session.owner}:{session.id}", record.id, _dump(record))
         except BaseException:
             await self.discard_blobs(session, [record.id])
             raise
@@ -172,14 +168,14 @@ class Catalog:
 
     async def delete(self, owner: str, record: FileRecord) -> None:
         """Metadata first, so the file disappears at once; then its bytes."""
-        await self.kv.delete(f"file:{owner}:{record.session_id}:{record.id}")
+        await self.kv.hdel(f"files:{owner}:{record.session_id}", record.id)
         await self.blobs.delete(self.blob_key(owner, record.session_id, record.id))
 
     # --- cleanup ------------------------------------------------------------------------------------
 
     async def sweep(self, *, orphans: bool, now: float | None = None) -> dict[str, int]:
         """Remove the files of expired sessions; with ``orphans``, also blobs that have no metadata."""
-        removed = {"sessions": 0, "files": 0, "orphan_blobs": 0}
+        removed = {"sessions": 0, "files": 0, "orphan_blobs": 0, "expired_keys": await self.kv.purge_expired()}
         for live_key in await self.kv.keys("live:"):
             session_id = live_key.removeprefix("live:")
             raw_owner = await self.kv.get(live_key)
@@ -188,8 +184,7 @@ class Catalog:
             owner = raw_owner.decode(errors="replace")
             if await self.kv.get(f"sess:{owner}:{session_id}") is not None:
                 continue
-            for key in await self.kv.keys(f"file:{owner}:{session_id}:"):
-                await self.kv.delete(key)
+            await self.kv.delete(f"files:{owner}:{session_id}")
             for blob in await self.blobs.list(f"{BLOB_ROOT}{owner}/{session_id}/"):
                 await self.blobs.delete(blob.key)
                 removed["files"] += 1
@@ -201,12 +196,16 @@ class Catalog:
 
     async def _sweep_orphans(self, now: float) -> int:
         removed = 0
+        known: dict[str, dict[str, bytes]] = {}  # one listing per session, not one call per blob
         for blob in await self.blobs.list(BLOB_ROOT):
-            parts = blob.key.removeprefix(BLOB_ROOT).split("/")
             if now - blob.modified < ORPHAN_GRACE_S:
                 continue
-            if len(parts) == 3 and await self.kv.get(f"file:{parts[0]}:{parts[1]}:{parts[2]}") is not None:
-                continue
-            await self.blobs.delete(blob.key)
-            removed += 1
+            owner, _, rest = blob.key.removeprefix(BLOB_ROOT).partition("/")
+            session_id, _, file_id = rest.partition("/")
+            files_key = f"files:{owner}:{session_id}"
+            if files_key not in known:
+                known[files_key] = await self.kv.hgetall(files_key)
+            if file_id not in known[files_key]:
+                await self.blobs.delete(blob.key)
+                removed += 1
         return removed

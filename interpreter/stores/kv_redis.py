@@ -218,6 +218,24 @@ class RedisKV:
             if int(cursor) == 0:
                 return sorted(found)
 
+    async def hset(self, key: str, field: str, value: bytes) -> None:
+        await self._call("hset", self._client.hset, self._key(key), field, value)
+
+    async def hget(self, key: str, field: str) -> bytes | None:
+        value = await self._call("hget", self._client.hget, self._key(key), field)
+        return None if value is None else bytes(value)
+
+    async def hgetall(self, key: str) -> dict[str, bytes]:
+        found = await self._call("hgetall", self._client.hgetall, self._key(key))
+        return {(k.decode("utf-8", "surrogateescape") if isinstance(k, bytes) else str(k)): bytes(v)
+                for k, v in found.items()}  # fmt: skip
+
+    async def hdel(self, key: str, field: str) -> bool:
+        return int(await self._call("hdel", self._client.hdel, self._key(key), field)) > 0
+
+    async def purge_expired(self) -> int:
+        return 0  # Redis removes expired keys itself
+
     async def ping(self) -> None:
         await self._call("ping", self._client.ping)
 

@@ -30,6 +30,12 @@ CREATE TABLE IF NOT EXISTS kv (
     expires_at REAL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS kv_expires ON kv (expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS kv_hash (
+    key TEXT NOT NULL,
+    field TEXT NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (key, field)
+) WITHOUT ROWID;
 """
 
 
@@ -90,7 +96,8 @@ class SqliteKV:
             with self._db:
                 live = self._db.execute(f"SELECT 1 FROM kv WHERE key = ? AND {LIVE}", (key, self._now())).fetchone()
                 self._db.execute("DELETE FROM kv WHERE key = ?", (key,))
-                return live is not None
+                fields = self._db.execute("DELETE FROM kv_hash WHERE key = ?", (key,)).rowcount
+                return live is not None or fields > 0
 
         return await self._run(op)
 
@@ -146,10 +153,40 @@ class SqliteKV:
         def op() -> list[str]:
             # substr compares characters exactly (LIKE would be case-insensitive and treat % and _ as wildcards).
             rows = self._db.execute(
-                f"SELECT key FROM kv WHERE key >= ? AND substr(key, 1, ?) = ? AND {LIVE} ORDER BY key",
-                (prefix, len(prefix), prefix, self._now()),
+                f"SELECT key FROM kv WHERE key >= ? AND substr(key, 1, ?) = ? AND {LIVE} "
+                "UNION SELECT DISTINCT key FROM kv_hash WHERE key >= ? AND substr(key, 1, ?) = ? ORDER BY key",
+                (prefix, len(prefix), prefix, self._now(), prefix, len(prefix), prefix),
             ).fetchall()
             return [row[0] for row in rows]
+
+        return await self._run(op)
+
+    async def hset(self, key: str, field: str, value: bytes) -> None:
+        def op() -> None:
+            with self._db:
+                self._db.execute("INSERT OR REPLACE INTO kv_hash (key, field, value) VALUES (?, ?, ?)",
+                                 (key, field, value))  # fmt: skip
+
+        await self._run(op)
+
+    async def hget(self, key: str, field: str) -> bytes | None:
+        def op() -> bytes | None:
+            row = self._db.execute("SELECT value FROM kv_hash WHERE key = ? AND field = ?", (key, field)).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return await self._run(op)
+
+    async def hgetall(self, key: str) -> dict[str, bytes]:
+        def op() -> dict[str, bytes]:
+            rows = self._db.execute("SELECT field, value FROM kv_hash WHERE key = ?", (key,)).fetchall()
+            return {row[0]: bytes(row[1]) for row in rows}
+
+        return await self._run(op)
+
+    async def hdel(self, key: str, field: str) -> bool:
+        def op() -> bool:
+            with self._db:
+                return self._db.execute("DELETE FROM kv_hash WHERE key = ? AND field = ?", (key, field)).rowcount > 0
 
         return await self._run(op)
 

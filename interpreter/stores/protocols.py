@@ -58,7 +58,25 @@ class KV(Protocol):
         ...
 
     async def keys(self, prefix: str) -> list[str]:
-        """Every live key that starts with ``prefix`` (for listings and sweeps; prefixes stay narrow)."""
+        """Every live key (hashes included) that starts with ``prefix``: for sweeps, not for every request."""
+        ...
+
+    async def hset(self, key: str, field: str, value: bytes) -> None:
+        """Set one field of a hash. Hashes have no TTL; ``delete(key)`` removes a whole hash."""
+        ...
+
+    async def hget(self, key: str, field: str) -> bytes | None: ...
+
+    async def hgetall(self, key: str) -> dict[str, bytes]:
+        """Every field of the hash in one call ({} when there is no such hash)."""
+        ...
+
+    async def hdel(self, key: str, field: str) -> bool:
+        """True when the field existed."""
+        ...
+
+    async def purge_expired(self) -> int:
+        """Remove expired entries the backend does not remove by itself; returns how many."""
         ...
 
     async def ping(self) -> None: ...

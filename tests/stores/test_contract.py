@@ -176,6 +176,34 @@ async def test_keys_by_exact_prefix(kv: KV) -> None:
     assert await kv.keys(base + "zzz") == []
 
 
+async def test_hashes(kv: KV) -> None:
+    key = unique("hash")
+    assert await kv.hgetall(key) == {}
+    assert await kv.hget(key, "a") is None
+    await kv.hset(key, "a", b"\x00one")
+    await kv.hset(key, "é/b:c", b"two")
+    await kv.hset(key, "a", b"replaced")
+    assert await kv.hgetall(key) == {"a": b"replaced", "é/b:c": b"two"}
+    assert await kv.hget(key, "é/b:c") == b"two"
+    assert await kv.keys(key) == [key]  # a hash is a key like any other
+    assert await kv.hdel(key, "a") is True
+    assert await kv.hdel(key, "a") is False
+    assert await kv.hgetall(key) == {"é/b:c": b"two"}
+    assert await kv.delete(key) is True  # the whole hash
+    assert await kv.hgetall(key) == {}
+    assert await kv.keys(key) == []
+
+
+async def test_purge_expired_leaves_live_keys(kv: KV) -> None:
+    live, gone = unique("live"), unique("gone")
+    await kv.set(live, b"v", ttl_s=60)
+    await kv.set(gone, b"v", ttl_s=0.1)
+    await trio.sleep(0.3)
+    assert await kv.purge_expired() >= 0
+    assert await kv.get(live) == b"v"
+    assert await kv.get(gone) is None
+
+
 async def test_ping(kv: KV) -> None:
     await kv.ping()
 

@@ -59,7 +59,7 @@ def test_two_servers_share_sessions_and_files(bases: tuple[Path, Path], redis_ur
 def redis_file_keys(port: int) -> int:
     """How many file metadata keys the Redis on ``port`` holds."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(b"KEYS file:*\r\n")
+        sock.sendall(b"KEYS files:*\r\n")
         time.sleep(0.2)
         reply = sock.recv(1 << 20).decode()
     return int(reply.split("\r\n", 1)[0].lstrip("*"))
@@ -122,7 +122,7 @@ def test_s3_failing_mid_upload_leaves_no_file(bases: tuple[Path, Path], redis_ur
         with socket.create_connection(("127.0.0.1", redis_port), timeout=5) as sock:
             sock.sendall(b"SELECT 7\r\n")
             sock.recv(64)
-            sock.sendall(b"KEYS file:*\r\n")
+            sock.sendall(b"KEYS files:*\r\n")
             time.sleep(0.2)
             assert sock.recv(1024).startswith(b"*0\r\n")  # no file became visible
         assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200

@@ -86,7 +86,7 @@ async def test_an_expired_session_hides_its_files_and_the_sweep_removes_them(cat
     assert removed["sessions"] >= 1
     assert removed["files"] >= 1
     assert await catalog.blobs.list(f"sessions/{OWNER}/{session.id}/") == []
-    assert await catalog.kv.keys(f"file:{OWNER}:{session.id}:") == []
+    assert await catalog.kv.hgetall(f"files:{OWNER}:{session.id}") == {}
     assert await catalog.file(OWNER, kept.id, kept_record.id) == kept_record  # the live one is untouched
 
 
