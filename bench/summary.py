@@ -44,6 +44,23 @@ def execution(section: dict[str, Any]) -> list[str]:
     return lines
 
 
+def files(section: dict[str, Any]) -> list[str]:
+    pairs = section["pairs"]
+    lines = ["| files | " + " | ".join(pairs) + " |", "|---|" + "---|" * len(pairs)]
+    rows = [
+        ("upload of 100 MiB (chunked multipart)", lambda f: f"{f['upload_100mib_mib_s']} MiB/s"),
+        ("server peak RSS growth during that upload", lambda f: f"{f['upload_peak_rss_growth_mib']} MiB"),
+        ("download of 100 MiB", lambda f: f"{f['download_100mib_mib_s']} MiB/s"),
+        ("`echo hi` (bash) p50, no files", lambda f: f"{f['exec_no_files']['p50_ms']} ms"),
+        ("... with 1 file mounted", lambda f: f"{f['exec_1_file_in']['p50_ms']} ms"),
+        ("... with 20 files mounted", lambda f: f"{f['exec_20_files_in']['p50_ms']} ms"),
+        ("... writing 1 output file", lambda f: f"{f['exec_1_file_out']['p50_ms']} ms"),
+    ]
+    for label, cell in rows:
+        lines.append(f"| {label} | " + " | ".join(cell(figures) for figures in pairs.values()) + " |")
+    return lines
+
+
 def render(report: dict[str, Any]) -> str:
     parts = []
     if "foundation" in report:
@@ -51,6 +68,8 @@ def render(report: dict[str, Any]) -> str:
     if "exec" in report:
         parts += [*execution(report["exec"]), ""]
         parts.append(f"Measured {report['exec']['measured_at']} ({report['exec']['method']}).")
+    if "files" in report:
+        parts += ["", *files(report["files"]), "", f"Measured {report['files']['measured_at']} (bench/files.py)."]
     return "\n".join(parts).strip()
 
 

@@ -40,6 +40,7 @@ SKIPPED_DIRS = frozenset({"__pycache__", "node_modules"})
 MAX_WALK_ENTRIES = 10_000
 MAX_WALK_DEPTH = 32
 NAMES_SHOWN = 5
+STAGING_PARALLEL = 8
 
 
 @dataclass(frozen=True)
@@ -111,12 +112,11 @@ class Workspace:
             StoreError: the store failed; the run cannot start with its files (503).
         """
         unmounted: dict[str, list[str]] = {}
+        limiter = trio.CapacityLimiter(STAGING_PARALLEL)
         root = os.open(run_dir, DIR_FLAGS)
-        try:
-            for mount in self.mounts:
-                if mount.name == source:
-                    unmounted.setdefault("its name is taken by the program's source file", []).append(mount.name)
-                    continue
+
+        async def stage(mount: Mount) -> None:
+            async with limiter:
                 try:
                     snapshot = await self._stage_one(root, mount, identity)
                 except BlobNotFound:
@@ -126,10 +126,18 @@ class Workspace:
                     unmounted.setdefault(reason, []).append(mount.name)
                 else:
                     self._staged[mount.name] = (mount, snapshot)
+
+        try:
+            async with trio.open_nursery() as nursery:  # a store's latency is paid once, not once per file
+                for mount in self.mounts:
+                    if mount.name == source:
+                        unmounted.setdefault("its name is taken by the program's source file", []).append(mount.name)
+                    else:
+                        nursery.start_soon(stage, mount)
         finally:
             os.close(root)
         for reason, names in unmounted.items():
-            self.notes.append(f"Not mounted in /mnt/data ({reason}): {_listed(names)}.")
+            self.notes.append(f"Not mounted in /mnt/data ({reason}): {_listed(sorted(names))}.")
 
     async def _stage_one(self, root: int, mount: Mount, identity: Identity) -> Snapshot:
         *parents, leaf = mount.name.split("/")
@@ -248,6 +256,7 @@ async def plan_workspace(catalog: Catalog, session: Session, refs: Iterable[Ref]
     own_by_id = {mine.id: mine for mine in own}
     missing: list[str] = []
     seen: set[tuple[str, str]] = set()
+    other_sessions: dict[str, dict[str, FileRecord]] = {}
     for ref in refs:
         if (ref.session_id, ref.file_id) in seen:
             continue
@@ -259,7 +268,10 @@ async def plan_workspace(catalog: Catalog, session: Session, refs: Iterable[Ref]
             elif by_name[own_record.name].record.id == own_record.id:
                 by_name[own_record.name] = replace(by_name[own_record.name], explicit=True)
             continue  # an older version of a name: the session's newest is what the run sees
-        record = await catalog.file(session.owner, ref.session_id, ref.file_id)
+        if ref.session_id not in other_sessions:  # one listing per session referred to, not one call per ref
+            other = await catalog.session(session.owner, ref.session_id)
+            other_sessions[ref.session_id] = {r.id: r for r in await catalog.files(other)} if other else {}
+        record = other_sessions[ref.session_id].get(ref.file_id)
         if record is None:
             missing.append(ref.name)
             continue

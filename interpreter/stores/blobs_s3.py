@@ -5,7 +5,7 @@ Every call goes through ``aio_as_trio`` on the loop the client was created in, u
 botocore, aiohttp, socket or timeout error becomes ``StoreError`` naming only the operation and the
 S3 error code (never the endpoint, the credentials or the key).
 
-Memory stays bounded: ``put`` holds at most one part (8 MiB) plus the caller's current chunk, and
+Memory stays bounded: ``put`` holds at most one part (5 MiB) plus the caller's current chunk, and
 ``get`` streams the body chunk by chunk. A put that fits in one part is one PutObject; a bigger one
 is a multipart upload, which S3 publishes only on CompleteMultipartUpload, and which is aborted on
 any error, on ``max_bytes`` overflow and on cancellation, so no half-written object is ever visible.
@@ -32,12 +32,12 @@ from interpreter.stores.protocols import BlobInfo, BlobNotFound, BlobTooLarge, S
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
-PART_SIZE = 8 * MIB
+PART_SIZE = 5 * MIB  # S3's minimum: memory per upload in flight is a few parts
 MIN_PART_SIZE = 5 * MIB  # S3's floor for every part but the last
 READ_CHUNK = 256 * 1024
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 30.0
-CALL_TIMEOUT_S = 60.0  # one whole call (an 8 MiB part included), retries included
+CALL_TIMEOUT_S = 60.0  # one whole call (a 5 MiB part included), retries included
 CLEANUP_S = 5.0
 MAX_KEY_BYTES = 1024
 NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
