@@ -372,3 +372,22 @@ def test_outputs_are_json_serialisable_in_the_keepalive_path(files_server: Serve
     result = run(files_server, "import time; time.sleep(3.5); open('late.txt', 'w').write('x')")
     assert [f["name"] for f in result["files"]] == ["late.txt"]
     json.dumps(result)
+
+
+def test_the_cleanup_service_removes_expired_sessions_files(work_dir: Path) -> None:
+    server = ServerProcess(work_dir, SESSION_TTL_HOURS="0.0005", SESSION_CLEANUP_INTERVAL_MINUTES="0.01")
+    server.start()
+    try:
+        sid, fid = uploaded(server, "short-lived.txt", b"x")
+        assert len(blob_files(server)) == 1
+        deadline = time.monotonic() + 30
+        while blob_files(server) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert blob_files(server) == []  # 1.8 s of life, then the next pass took its bytes
+        assert get(server, f"/files/{sid}").json() == []
+        assert get(server, f"/download/{sid}/{fid}").status_code == 404
+        removed = [line for line in server.log_lines() if line["msg"] == "expired session files removed"]
+        assert removed
+        assert removed[0]["files"] == 1
+    finally:
+        server.stop()
