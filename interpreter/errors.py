@@ -15,6 +15,7 @@ ERROR_TYPES: dict[int, str] = {
     403: "authorization",
     404: "resource_not_found",
     405: "validation",
+    408: "timeout",
     409: "resource_conflict",
     413: "resource_exhausted",
     415: "validation",
@@ -89,6 +90,12 @@ class NotFound(InterpreterError):
     status = 404
     error_type = "resource_not_found"
     message = "Not found"
+
+
+class RequestTimeout(InterpreterError):
+    status = 408
+    error_type = "timeout"
+    message = "The request body stopped arriving"
 
 
 class RateLimited(InterpreterError):

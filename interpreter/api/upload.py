@@ -11,6 +11,7 @@ The ``User-Id`` header names the user the session belongs to.
 
 from __future__ import annotations
 
+import contextlib
 import mimetypes
 import re
 from dataclasses import dataclass, field, replace
@@ -93,7 +94,8 @@ async def _receive(upload: Upload) -> None:
         if name not in upload.session_names and len(upload.session_names) >= limits.max_files_per_session:
             raise TooLarge(f"Too many files. Maximum {limits.max_files_per_session} files allowed per session")
         try:
-            file_id, size = await deps.catalog.put_blob(upload.session, reader.data(), max_bytes=limits.max_file_bytes)
+            async with contextlib.aclosing(reader.data()) as data:
+                file_id, size = await deps.catalog.put_blob(upload.session, data, max_bytes=limits.max_file_bytes)
         except BlobTooLarge:
             message = f"File {name} exceeds maximum size of {limits.max_file_bytes >> 20}MB"
             if not upload.batch:
