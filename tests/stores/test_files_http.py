@@ -1,6 +1,6 @@
-"""Sessions and files over HTTP on the embedded stores: upload, listings, download, delete, files in runs.
+"""Sessions and files over HTTP, on both store pairs: upload, listings, download, delete, files in runs.
 
-The same routes on Redis + S3, and two servers sharing them, are in tests/stores/test_server_files.py.
+Two servers sharing Redis + S3, and stores failing mid-upload, are in tests/stores/test_server_files.py.
 """
 
 from __future__ import annotations
@@ -17,17 +17,25 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+import trio
+import trio_asyncio
 
 from tests.conftest import ServerProcess, open_dir
+from tests.stores.conftest import open_raw_s3
 
 OTHER_KEY = "other-key-" + secrets.token_hex(12)
 SMALL = {"MAX_FILE_SIZE_MB": "1", "MAX_FILES_PER_SESSION": "6", "MAX_OUTPUT_FILES": "3"}
 
 
-@pytest.fixture(scope="module")
-def files_server() -> Iterator[ServerProcess]:
+@pytest.fixture(scope="module", params=["embedded", "redis+s3"])
+def files_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    stores: dict[str, str] = {}
+    if request.param == "redis+s3":
+        endpoint = request.getfixturevalue("s3_endpoint")
+        stores = {"REDIS_URL": request.getfixturevalue("redis_url"), "S3_ENDPOINT": endpoint,
+                  "S3_REGION": "us-east-1", "S3_BUCKET": f"files-{secrets.token_hex(6)}"}  # fmt: skip
     base = open_dir("interp-files-")
-    instance = ServerProcess(base, API_KEYS=OTHER_KEY, MAX_EXECUTION_TIME="20", **SMALL)
+    instance = ServerProcess(base, API_KEYS=OTHER_KEY, MAX_EXECUTION_TIME="20", **SMALL, **stores)
     instance.start()
     yield instance
     instance.stop()
@@ -54,9 +62,19 @@ def get(server: ServerProcess, path: str, key: str | None = None) -> httpx.Respo
     return httpx.get(f"{server.url}{path}", headers={"x-api-key": key or server.key}, timeout=30)
 
 
-def blob_files(server: ServerProcess) -> list[Path]:
-    """Every file of the embedded blob directory, temporary ones included."""
-    return sorted(p for p in (server.base / "data").rglob("*") if p.is_file() and "blobs" in p.parts)
+def blob_files(server: ServerProcess) -> list[str]:
+    """Every blob the server's store holds, temporary files and pending S3 multipart uploads included."""
+    if "S3_ENDPOINT" not in server.env:
+        return sorted(str(p) for p in (server.base / "data").rglob("*") if p.is_file() and "blobs" in p.parts)
+
+    async def listing() -> list[str]:
+        async with trio_asyncio.open_loop(), open_raw_s3(server.env["S3_ENDPOINT"]) as raw:
+            bucket = server.env["S3_BUCKET"]
+            objects = (await raw("list_objects_v2", Bucket=bucket)).get("Contents", [])
+            pending = (await raw("list_multipart_uploads", Bucket=bucket)).get("Uploads", [])
+            return sorted([o["Key"] for o in objects] + [f"pending:{u['Key']}" for u in pending])
+
+    return trio.run(listing)
 
 
 def run(server: ServerProcess, code: str, lang: str = "py", **fields: object) -> dict[str, Any]:
