@@ -11,7 +11,7 @@ Line breaks are CRLF, as RFC 7578 and every client we know send them.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import trio
@@ -125,7 +125,7 @@ class MultipartReader:
         self._in_data = True
         return Part(options["name"], options.get("filename"), headers.get("content-type"))
 
-    async def data(self) -> AsyncIterator[bytes]:
+    async def data(self) -> AsyncGenerator[bytes, None]:
         """The current part's data as it arrives."""
         keep = len(self._delimiter) - 1  # the longest tail that could be the start of a delimiter
         while self._in_data:
