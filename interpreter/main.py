@@ -24,18 +24,22 @@ from interpreter import __version__
 from interpreter.api.app import AppDeps, create_app
 from interpreter.auth.keys import KeyAuthenticator
 from interpreter.errors import SettingsError
-from interpreter.execution.setup import Execution, open_execution, sandbox_check
+from interpreter.execution.kernel_pool import KernelPool
+from interpreter.execution.python import PythonRuns
+from interpreter.execution.setup import Execution, open_execution, sandbox_check, state_max_bytes
+from interpreter.execution.state import StateStore
 from interpreter.files.catalog import Catalog
 from interpreter.health import CheckResult, HealthRegistry
 from interpreter.settings import DEFAULT_API_KEY, LOOPBACK_HOSTS, Settings
-from interpreter.stores.open import open_stores, register_store_checks
+from interpreter.stores.open import Stores, open_stores, register_store_checks
 from interpreter.stores.protocols import StoreError
 from sandboxes.nsjail import locate_nsjail
-from supervisors import reaper, session_cleanup
+from supervisors import reaper, session_cleanup, state_archiver
 from supervisors.sd_notify import Notifier, run_watchdog
 from supervisors.supervise import ServiceBoard, supervise
 
 log = logging.getLogger("interpreter")
+MIB = 1024 * 1024
 
 ShutdownTrigger = Callable[[], Awaitable[None]]
 
@@ -136,6 +140,30 @@ def register_base_checks(health: HealthRegistry, settings: Settings, board: Serv
     health.register("security", security_check, required=False)
 
 
+def python_runs(settings: Settings, execution: Execution, stores: Stores) -> PythonRuns | None:
+    """Python through kernels (None when the sandbox has no Python)."""
+    if execution.kernels is None:
+        return None
+    state = StateStore(
+        stores.kv, stores.blobs, ttl_s=settings.state_ttl_s,
+        kv_max_bytes=int(settings.state_max_redis_size_mib * MIB),
+        archive_after_s=settings.state_archive_after_s, archive_ttl_s=settings.state_archive_ttl_days * 86400,
+        archive_enabled=settings.state_archive_enabled,
+    )  # fmt: skip
+    return PythonRuns(
+        execution.kernels, state, persist_state=settings.state_persistence_enabled,
+        capture_on_error=settings.state_capture_on_error,
+        state_max_bytes=state_max_bytes(settings),
+    )  # fmt: skip
+
+
+async def kernels_check(pool: KernelPool) -> CheckResult:
+    stats = pool.statistics()
+    if stats["start_failures"] and not stats["ready"] and not stats["live"]:
+        return CheckResult("degraded", stats, error="Python kernels fail to start")
+    return CheckResult("healthy", stats)
+
+
 async def serve(
     settings: Settings,
     *,
@@ -197,7 +225,10 @@ async def serve(
                 languages=execution.languages,
                 stores=stores,
                 catalog=Catalog(stores.kv, stores.blobs, ttl_s=settings.session_ttl_h * 3600),
+                python=python_runs(settings, execution, stores),
             )
+            if execution.kernels is not None:
+                health.register("kernels", partial(kernels_check, execution.kernels), required=False)
             await _serve_with(deps, execution, board, notifier, hyper, stop_when_triggered, blueprints, task_status)
     log.info("stopped")
 
@@ -217,6 +248,12 @@ async def _serve_with(
         cleanup = partial(session_cleanup.run, deps.catalog, settings.session_cleanup_interval_min * 60,
                           settings.enable_orphan_s3_cleanup, (StoreError,))  # fmt: skip
         await services.start(partial(supervise, cleanup, name="session_cleanup", board=board))
+        if deps.python is not None:
+            await services.start(partial(supervise, deps.python.pool.run, name="kernel_pool", board=board))
+            if settings.state_archive_enabled:
+                archiver = partial(state_archiver.run, deps.python.state, settings.state_archive_check_interval_s,
+                                   (StoreError,))  # fmt: skip
+                await services.start(partial(supervise, archiver, name="state_archiver", board=board))
         # HTTP binds last and drains first: its nursery ends when hypercorn has drained.
         async with trio.open_nursery() as http:
             app = create_app(deps, blueprints=blueprints)

@@ -36,7 +36,7 @@ APT_PACKAGES=(
 # What sandboxed Python code can import (DESIGN §3: the kernel imports cloudpickle, numpy, pandas, matplotlib).
 SANDBOX_REQUIREMENTS=(
     numpy pandas scipy scikit-learn statsmodels sympy matplotlib seaborn pillow openpyxl python-docx
-    pyarrow cloudpickle
+    pyarrow cloudpickle networkx
 )
 # The S3 server of the integration tests. Its own venv: it needs a boto3 that the app's aiobotocore pin forbids.
 MOTO_REQUIREMENTS=("moto[server]")

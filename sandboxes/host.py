@@ -76,20 +76,30 @@ class HostLayout:
     def under(cls, base: Path) -> HostLayout:
         return cls(base=base, runs=base / "runs", etc=base / ".runtime" / "etc", lock=base / ".lock")
 
+    @property
+    def kernel(self) -> Path:
+        """The kernel's code, copied here at start and bound read-only into kernel jails (DESIGN §3)."""
+        return self.etc.parent / "kernel"
 
-def prepare_layout(layout: HostLayout, uid: int, gid: int) -> None:
-    """Create the directories (0755: bind sources need o+x on every parent) and the generated /etc."""
-    for directory in (layout.base, layout.runs, layout.etc.parent, layout.etc):
+
+def prepare_layout(layout: HostLayout, uids: list[int], kernel_source: Path | None = None) -> None:
+    """Create the directories (0755: bind sources need o+x on every parent), the generated /etc (an
+    account for every sandbox uid) and the kernel's copy."""
+    for directory in (layout.base, layout.runs, layout.etc.parent, layout.etc, layout.kernel):
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
         directory.chmod(0o755)
+    accounts = "".join(f"sandbox:x:{uid}:{uid}:sandbox:/tmp:/bin/sh\n" for uid in uids)
+    groups = "".join(f"sandbox:x:{uid}:\n" for uid in uids)
     files = {
-        "passwd": f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\nsandbox:x:{uid}:{gid}:sandbox:/tmp:/bin/sh\n",
-        "group": f"root:x:0:\nsandbox:x:{gid}:\n",
+        "passwd": f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n{accounts}",
+        "group": f"root:x:0:\n{groups}",
         "hosts": "127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n",
         "resolv.conf": "# no network in the sandbox\n",
     }
-    for name, text in files.items():
-        target = layout.etc / name
+    targets = {layout.etc / name: text for name, text in files.items()}
+    if kernel_source is not None:
+        targets |= {layout.kernel / source.name: source.read_text() for source in kernel_source.glob("*.py")}
+    for target, text in targets.items():
         temporary = target.with_suffix(".tmp")
         temporary.write_text(text)
         temporary.chmod(0o644)
@@ -188,6 +198,16 @@ def create_run_cgroup(cgroups: Cgroups, name: str, memory_bytes: int, pids: int)
                         pid_group / "pids.max")  # fmt: skip
     run.set_limits(memory_bytes, pids)
     return run
+
+
+def memory_usage(run: RunCgroup) -> int:
+    """Bytes the cgroup's processes use now (tmpfs pages included); 0 when unreadable."""
+    usage = run.memory_limit.with_name("memory.current" if run.memory_limit.name == "memory.max"
+                                        else "memory.usage_in_bytes")  # fmt: skip
+    try:
+        return int(usage.read_text())
+    except (OSError, ValueError):
+        return 0
 
 
 def oom_kills(run: RunCgroup) -> int:

@@ -109,17 +109,9 @@ def jail_command(spec: LanguageSpec, limits: Limits, paths: RunPaths, source: st
     return spec.command.format(source=source, main=main, heap_mib=heap_mib(limits), venv=paths.venv)
 
 
-def build_argv(
-    spec: LanguageSpec,
-    limits: Limits,
-    paths: RunPaths,
-    identity: Identity,
-    *,
-    source: str,
-    main: str = "",
-    args: tuple[str, ...] = (),
-) -> list[str]:
-    """The full nsjail argv for one run of ``spec``. Pure: reads nothing but its arguments."""
+def _jail_argv(limits: Limits, paths: RunPaths, identity: Identity, env: dict[str, str], *, time_limit: str,
+               cpu_limit: str) -> list[str]:  # fmt: skip
+    """Everything of a jail but what it runs: namespaces, mounts, environment, limits, seccomp."""
     argv = [
         str(paths.nsjail),
         "--mode", "o",  # once: one process tree, then exit with its status
@@ -141,13 +133,11 @@ def build_argv(
     for name in ("passwd", "group", "hosts", "resolv.conf"):
         argv += ["--bindmount_ro", f"{paths.etc_dir / name}:/etc/{name}"]
     argv += ["--bindmount", f"{paths.run_dir}:/mnt/data"]
-    for key, value in {**BASE_ENV, **spec.env}.items():
+    for key, value in {**BASE_ENV, **env}.items():
         argv += ["--env", f"{key}={value.format(venv=paths.venv)}"]
     argv += [
-        # The runner's own timer enforces wall_s exactly; nsjail's whole-second clock, checked right at
-        # start too, could fire up to a second early, so it is only the backstop.
-        "--time_limit", str(limits.wall_s + TIME_LIMIT_BACKSTOP_S),
-        "--rlimit_cpu", str(limits.wall_s * max(1, limits.max_cpus)),
+        "--time_limit", time_limit,
+        "--rlimit_cpu", cpu_limit,
         "--rlimit_as", "inf",  # memory is the cgroup's job; an address-space cap breaks the JVM
         "--rlimit_fsize", str(limits.fsize_mib),
         "--rlimit_nofile", str(limits.nofile),
@@ -159,5 +149,41 @@ def build_argv(
         argv.append("--disable_clone_newnet")
     if paths.log_fd is not None:
         argv += ["--log_fd", str(paths.log_fd)]
+    return argv
+
+
+def build_argv(
+    spec: LanguageSpec,
+    limits: Limits,
+    paths: RunPaths,
+    identity: Identity,
+    *,
+    source: str,
+    main: str = "",
+    args: tuple[str, ...] = (),
+) -> list[str]:
+    """The full nsjail argv for one run of ``spec``. Pure: reads nothing but its arguments."""
+    # The runner's own timer enforces wall_s exactly; nsjail's whole-second clock, checked right at
+    # start too, could fire up to a second early, so it is only the backstop.
+    argv = _jail_argv(limits, paths, identity, spec.env, time_limit=str(limits.wall_s + TIME_LIMIT_BACKSTOP_S),
+                      cpu_limit=str(limits.wall_s * max(1, limits.max_cpus)))  # fmt: skip
     command = jail_command(spec, limits, paths, source, main)
     return [*argv, "--", "/bin/sh", "-c", command, "sh", *args]
+
+
+KERNEL_DIR = "/opt/kernel"
+
+
+def build_kernel_argv(
+    python: LanguageSpec, limits: Limits, paths: RunPaths, identity: Identity, *, kernel_dir: Path, socket_fd: int
+) -> list[str]:
+    """The nsjail argv of a Python kernel: the jail of a ``py`` run, living until it is stopped.
+
+    Each run's wall clock is the host's business (it interrupts, then kills), so nsjail has no time
+    limit; the kernel gets its protocol socket as fd ``socket_fd`` and its code read-only.
+    """
+    argv = _jail_argv(limits, paths, identity, python.env, time_limit="0", cpu_limit="inf")
+    argv += ["--bindmount_ro", f"{kernel_dir}:{KERNEL_DIR}", "--pass_fd", str(socket_fd)]
+    # Not exec'd: sh stays pid 1 of the jail, so the kernel and the user's code are never init.
+    command = f"{paths.venv}/bin/python -E -s {KERNEL_DIR}/kernel.py {socket_fd}"
+    return [*argv, "--", "/bin/sh", "-c", command]

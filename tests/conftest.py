@@ -220,19 +220,21 @@ class ServerProcess:
             uid_line = next((line for line in text.splitlines() if line.startswith("Uid:")), "")
             if str(self.uid) in uid_line.split()[1:2]:
                 processes.append(status.parent.name)
-        # Launchers prepared for the next runs (a mounted run dir and a cgroup each) are not leftovers.
+        # Launchers prepared for the next runs and Python kernels (a mounted run dir and a cgroup each) are
+        # not leftovers.
         prepared = set(self.prepared())
         run_dirs = [p.name for p in runs.iterdir() if p.name not in prepared] if runs.is_dir() else []
         cgroups = [c for c in cgroups if Path(c).name.removeprefix("run-") not in prepared]
         return {"run_dirs": run_dirs, "cgroups": cgroups, "processes": processes}
 
     def prepared(self) -> list[str]:
-        """Run ids of the server's waiting launchers; none when it is not running."""
+        """Run ids of the server's waiting launchers and running kernels; none when it is not running."""
         try:
-            health = httpx.get(f"{self.url}/health/detailed", headers=self.headers, timeout=10).json()
+            services = httpx.get(f"{self.url}/health/detailed", headers=self.headers, timeout=10).json()["services"]
         except httpx.TransportError:
             return []
-        return list(health["services"]["sandbox"]["details"]["prepared"])
+        kernels = services.get("kernels", {}).get("details", {}).get("run_ids", [])
+        return [*services["sandbox"]["details"]["prepared"], *kernels]
 
     def wait_clean(self, timeout_s: float = 10) -> dict[str, list[str]]:
         """Leftovers once the last run has had time to clean up (empty lists when all is well)."""

@@ -18,6 +18,7 @@ from interpreter.auth.keys import KeyAuthenticator
 from interpreter.auth.principals import Principal
 from interpreter.errors import InterpreterError, StoreUnavailable, UnsupportedMediaType
 from interpreter.execution.executor import Executor
+from interpreter.execution.python import PythonRuns
 from interpreter.files.catalog import Catalog
 from interpreter.health import HealthRegistry
 from interpreter.settings import Settings
@@ -49,6 +50,7 @@ class AppDeps:
     languages: Mapping[str, LanguageSpec]
     stores: Stores
     catalog: Catalog
+    python: PythonRuns | None = None
 
 
 def current_deps() -> AppDeps:

@@ -12,6 +12,7 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -22,7 +23,8 @@ from interpreter.api.bodies import json_body
 from interpreter.api.envelope import envelope
 from interpreter.api.openapi import documented
 from interpreter.errors import BadRequest, InterpreterError, ServiceUnavailable
-from interpreter.execution.executor import RunHandle, clamp_timeout_s, wait_or_timeout
+from interpreter.execution.executor import RunHandle, Work, clamp_timeout_s, wait_or_timeout
+from interpreter.execution.python import PythonOutcome
 from interpreter.execution.runner import Job, RunResult
 from interpreter.execution.sessions import Resolved, resolve_session
 from interpreter.execution.workspace import FileLimits, Ref, Workspace, plan_workspace
@@ -92,6 +94,7 @@ class ExecResponse(BaseModel):
     runtime_session_id: str
     runtime_status: Literal["new", "reused", "restored"]
     deleted_files: list[str] = Field(default_factory=list, description="Mounted files the run deleted")
+    state_warnings: list[str] = Field(default_factory=list, description="Python variables that could not be saved")
 
 
 def normalize_args(value: Any) -> tuple[str, ...]:
@@ -143,6 +146,7 @@ def file_limits(settings: Settings) -> FileLimits:
 @dataclass(frozen=True)
 class RunContext:
     language: str
+    python: PythonOutcome | None
     resolved: Resolved
     workspace: Workspace
     principal_id: str
@@ -154,11 +158,13 @@ def render(result: RunResult, context: RunContext) -> dict[str, Any]:
     if notes:
         stderr += ("" if not stderr or stderr.endswith("\n") else "\n") + "\n".join(notes) + "\n"
     session_id = context.resolved.session.id
+    python = context.python
     return ExecResponse(
         session_id=session_id, files=context.workspace.files, stdout=result.stdout.decode("utf-8", errors="replace"),
         stderr=stderr, exit_code=result.exit_code, status=result.status, duration_ms=result.duration_ms,
         language=context.language, truncated=result.truncated, runtime_session_id=session_id,
-        runtime_status=context.resolved.status, deleted_files=context.workspace.deleted,
+        runtime_status="restored" if python is not None and python.restored else context.resolved.status,
+        deleted_files=context.workspace.deleted, state_warnings=python.state_warnings if python is not None else [],
     ).model_dump()  # fmt: skip
 
 
@@ -184,8 +190,15 @@ async def exec_code() -> Response | dict[str, Any]:
         hint=body.runtime_session_hint, file_session_ids=[ref.session_id for ref in refs], entity_id=body.entity_id,
     )  # fmt: skip
     workspace = await plan_workspace(deps.catalog, resolved.session, refs, file_limits(deps.settings))
-    context = RunContext(job.language.code, resolved, workspace, principal.id)
-    handle = deps.executor.submit(replace(job, files=workspace))  # 503 here, before any byte of the reply
+    context = RunContext(job.language.code, None, resolved, workspace, principal.id)
+    work: Work
+    if job.language.code == "py" and deps.python is not None:
+        context = replace(context, python=PythonOutcome())
+        assert context.python is not None
+        work = deps.python.work(job, resolved.session, resolved.status == "reused", workspace, context.python)
+    else:
+        work = partial(deps.executor.runner.steps, replace(job, files=workspace))
+    handle = deps.executor.submit(work)  # 503 here, before any byte of the reply
     finished = False
     try:
         if await wait_or_timeout(handle, KEEPALIVE_AFTER_S):

@@ -7,14 +7,23 @@ shutdown cancels every run after HTTP has drained. A request that goes away canc
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import NoReturn
 
 import trio
 
 from interpreter.errors import ServiceUnavailable
-from interpreter.execution.runner import Job, OnOutput, Runner, RunResult
+from interpreter.execution.runner import OnOutput, Runner, RunResult
+
+log = logging.getLogger("interpreter.execution")
+
+# A run: an async generator that yields its result once (the reply), then may go on with work the
+# reply does not wait for (storing a Python checkpoint) in the same run slot.
+Work = Callable[[OnOutput | None], AsyncGenerator[RunResult, None]]
 
 RETRY_AFTER_S = 2
 
@@ -64,8 +73,8 @@ class Executor:
             "completed": self.completed,
         }
 
-    def submit(self, job: Job, on_output: OnOutput | None = None) -> RunHandle:
-        """Start ``job`` now or queue it; decided synchronously, before any byte of a reply is sent.
+    def submit(self, work: Work, on_output: OnOutput | None = None) -> RunHandle:
+        """Start ``work`` now or queue it; decided synchronously, before any byte of a reply is sent.
 
         Raises:
             QueueFull: every slot is busy and the queue is full (503 with Retry-After).
@@ -77,28 +86,37 @@ class Executor:
             raise QueueFull(retry_after_s=RETRY_AFTER_S)
         handle = RunHandle()
         self._waiting += 1
-        self._nursery.start_soon(self._execute, job, on_output, handle)
+        self._nursery.start_soon(self._execute, work, on_output, handle)
         return handle
 
-    async def _execute(self, job: Job, on_output: OnOutput | None, handle: RunHandle) -> None:
+    async def _execute(self, work: Work, on_output: OnOutput | None, handle: RunHandle) -> None:
         queued = True
         try:
-            with handle.scope:
-                async with self._slots:
+            async with contextlib.AsyncExitStack() as stack:
+                with handle.scope:  # the request may cancel the run until its result exists, not after
+                    await stack.enter_async_context(self._slots)
                     self._waiting -= 1
                     queued = False
                     self._running += 1
-                    try:
-                        handle.result = await self.runner.run(job, on_output)
-                    finally:
-                        self._running -= 1
-                        self.completed += 1
+                    stack.callback(self._finished)
+                    steps = await stack.enter_async_context(contextlib.aclosing(work(on_output)))
+                    handle.result = await anext(steps)
+                handle.done.set()
+                try:
+                    async for _ in steps:  # the rest of the work, after the reply
+                        pass
+                except Exception:
+                    log.exception("a run failed after its reply")
         except Exception as exc:  # noqa: BLE001 - handed to the waiting request, which maps it to a status
             handle.error = exc
         finally:
             if queued:
                 self._waiting -= 1
             handle.done.set()
+
+    def _finished(self) -> None:
+        self._running -= 1
+        self.completed += 1
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
         """The service: owns the nursery runs execute in, and the launcher pool beside them.

@@ -65,15 +65,21 @@ class LauncherConfig:
     pids: int = 64
 
 
-async def prepare(config: LauncherConfig, active: set[Path]) -> Launch:
-    """Mount a run directory, create and join a run cgroup, and leave a launcher waiting there."""
+async def prepare(
+    config: LauncherConfig, active: set[Path], *, identity: Identity | None = None, pass_fds: tuple[int, ...] = ()
+) -> Launch:
+    """Mount a run directory, create and join a run cgroup, and leave a launcher waiting there.
+
+    ``identity`` owns the run directory (default: the config's); ``pass_fds`` reach nsjail (kernels' sockets).
+    """
+    identity = identity or config.identity
     run_id = secrets.token_hex(8)
     run_dir = config.layout.runs / run_id
     active.add(run_dir)  # before it exists: the reaper never takes it for a leftover
     cgroup: RunCgroup | None = None
     try:
         run_dir.mkdir(mode=0o700)
-        mount_tmpfs(run_dir, config.run_dir_bytes, config.identity.uid, config.identity.gid)
+        mount_tmpfs(run_dir, config.run_dir_bytes, identity.uid, identity.gid)
         if config.cgroups is not None:
             cgroup = create_run_cgroup(config.cgroups, f"run-{run_id}", config.memory_bytes, config.pids)
         argv_read, argv_write = os.pipe()
@@ -83,7 +89,7 @@ async def prepare(config: LauncherConfig, active: set[Path]) -> Launch:
             process = await trio.lowlevel.open_process(
                 ["/bin/bash", "-c", LAUNCH_SCRIPT, "launcher", str(argv_read), *procs],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                pass_fds=(argv_read, log_write), env={"PATH": "/usr/bin:/bin"}, start_new_session=True,
+                pass_fds=(argv_read, log_write, *pass_fds), env={"PATH": "/usr/bin:/bin"}, start_new_session=True,
             )  # fmt: skip
         except BaseException:
             for fd in (argv_write, log_read):

@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -137,6 +137,10 @@ class Runner:
         if launch is not None:  # it died while it waited
             await discard(launch, self.active)
         return await self.launchers.prepare_now()
+
+    async def steps(self, job: Job, on_output: OnOutput | None = None) -> AsyncGenerator[RunResult, None]:
+        """``run`` as executor work (it has nothing to do after its result)."""
+        yield await self.run(job, on_output)
 
     async def run(self, job: Job, on_output: OnOutput | None = None) -> RunResult:
         cfg = self.config

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from interpreter.errors import SettingsError
 from interpreter.execution.executor import Executor, default_concurrency
+from interpreter.execution.kernel_pool import KernelPool, PoolConfig
+from interpreter.execution.kernels import KernelConfig
 from interpreter.execution.launcher import LauncherConfig, LauncherPool
 from interpreter.execution.runner import Runner, RunnerConfig
 from interpreter.health import CheckResult
@@ -23,7 +25,7 @@ from sandboxes.host import (
     remove_cgroup_parents,
     take_instance_lock,
 )
-from sandboxes.jail import Cgroups, Identity
+from sandboxes.jail import Cgroups, Identity, RunPaths
 from sandboxes.languages import LanguageError, LanguageSpec, load_languages
 from sandboxes.nsjail import locate_nsjail
 from supervisors.reaper import ReaperConfig
@@ -39,6 +41,7 @@ class Execution:
     runner: Runner
     executor: Executor
     reaper: ReaperConfig
+    kernels: KernelPool | None  # None when the py language is missing
 
 
 @contextmanager
@@ -58,8 +61,10 @@ def open_execution(settings: Settings) -> Iterator[Execution]:
         raise SettingsError(f"NSJAIL_BINARY: {exc}") from None
     layout = HostLayout.under(settings.sandbox_base_dir)
     identity = Identity(settings.sandbox_uid, settings.sandbox_uid)
+    pool = pool_config(settings)
     try:
-        prepare_layout(layout, identity.uid, identity.gid)
+        uids = [identity.uid] + [pool.base_uid + 2 + slot for slot in range(pool.slots)]
+        prepare_layout(layout, uids, kernel_source=sandboxes_dir() / "kernel")
         lock_fd = take_instance_lock(layout.lock)
     except HostError as exc:
         raise SettingsError(f"SANDBOX_BASE_DIR: {exc}") from None
@@ -96,11 +101,50 @@ def open_execution(settings: Settings) -> Iterator[Execution]:
         reaper = ReaperConfig(
             runs_dir=layout.runs, cgroups=cgroups, interval_s=settings.sandbox_cleanup_interval_min * 60
         )
-        yield Execution(layout, cgroups, languages, runner, executor, reaper)
+        kernels = None
+        if "py" in languages:
+            kernel_config = KernelConfig(
+                launcher=launchers.config,
+                paths=RunPaths(
+                    nsjail=nsjail,
+                    run_dir=layout.runs,
+                    etc_dir=layout.etc,
+                    venv=settings.sandbox_venv,
+                    runtime_etc=runner.config.runtime_etc,
+                ),
+                python=languages["py"],
+                kernel_dir=layout.kernel,
+                limits=runner.limits_for(languages["py"], settings.max_execution_time_s),
+                output_cap_bytes=runner.config.output_cap_bytes,
+                start_timeout_s=settings.repl_warmup_timeout_s,
+                state_max_bytes=state_max_bytes(settings),
+            )
+            kernels = KernelPool(kernel_config, pool, launchers.active)
+        yield Execution(layout, cgroups, languages, runner, executor, reaper, kernels)
         if cgroups is not None:
             remove_cgroup_parents(cgroups)
     finally:
         os.close(lock_fd)
+
+
+def state_max_bytes(settings: Settings) -> int:
+    """The largest checkpoint a kernel may hand over (beyond STATE_MAX_REDIS_SIZE_MB it goes to blobs)."""
+    return int(max(256, settings.state_max_redis_size_mib) * MIB)
+
+
+def pool_config(settings: Settings) -> PoolConfig:
+    return PoolConfig(
+        size=settings.sandbox_pool_py if settings.sandbox_pool_enabled else 0,
+        batch=settings.sandbox_pool_parallel_batch,
+        spacing_s=settings.sandbox_pool_replenish_interval_s,
+        exhaustion_trigger=settings.sandbox_pool_exhaustion_trigger,
+        warmup_on_start=settings.sandbox_pool_warmup_on_startup,
+        max_live=settings.max_live_kernels,
+        memory_budget_bytes=settings.kernel_memory_budget_mib * MIB,
+        idle_ttl_s=settings.sandbox_ttl_min * 60,
+        base_uid=settings.sandbox_uid,
+        keep_live=settings.repl_enabled,
+    )
 
 
 async def sandbox_check(execution: Execution) -> CheckResult:

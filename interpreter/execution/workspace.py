@@ -74,6 +74,9 @@ class Snapshot:
     inode: int
 
 
+Present = dict[str, tuple[str, Snapshot]]  # name -> (file id, snapshot): what a kept run directory holds
+
+
 @dataclass(frozen=True)
 class Found:
     raw_parts: tuple[str, ...]  # the path as the filesystem spells it, for reopening
@@ -101,21 +104,33 @@ class Workspace:
         self.own_names = own_names
         self.files: list[dict[str, Any]] = []
         self.deleted: list[str] = []
+        self.present: Present = {}  # after collect: what the run directory holds, for a kernel that keeps it
         self._staged: dict[str, tuple[Mount, Snapshot]] = {}
 
     # --- in -----------------------------------------------------------------------------------------
 
-    async def stage(self, run_dir: Path, source: str, identity: Identity) -> None:
-        """Copy every mount into the (still untouched) run directory.
+    async def stage(self, run_dir: Path, source: str, identity: Identity, present: Present | None = None) -> None:
+        """Copy every mount into the run directory.
+
+        ``present`` is what a kept run directory (a live kernel's) already holds from its last run:
+        files still current are left in place, files no longer in the session are removed.
 
         Raises:
             StoreError: the store failed; the run cannot start with its files (503).
         """
         unmounted: dict[str, list[str]] = {}
         limiter = trio.CapacityLimiter(STAGING_PARALLEL)
+        present = present or {}
         root = os.open(run_dir, DIR_FLAGS)
+        wanted = {mount.name for mount in self.mounts}
+        for name in present.keys() - wanted:
+            _remove(root, name)
 
         async def stage(mount: Mount) -> None:
+            kept = present.get(mount.name)
+            if kept is not None and kept[0] == mount.record.id and _snapshot(root, mount.name) == kept[1]:
+                self._staged[mount.name] = (mount, kept[1])
+                return
             async with limiter:
                 try:
                     snapshot = await self._stage_one(root, mount, identity)
@@ -143,6 +158,8 @@ class Workspace:
         *parents, leaf = mount.name.split("/")
         directory = _open_dirs(root, parents, identity)
         try:
+            with contextlib.suppress(FileNotFoundError):  # an older version left by the last run of a kernel
+                os.unlink(leaf, dir_fd=directory)
             fd = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
                          dir_fd=directory)  # fmt: skip
             try:
@@ -180,6 +197,7 @@ class Workspace:
         for name, item in sorted(found.items()):
             staged = self._staged.get(name)
             if staged is not None and staged[1] == item.snapshot:
+                self.present[name] = (staged[0].record.id, item.snapshot)
                 if staged[0].explicit:
                     self.files.append(reply_entry(staged[0].record, name, inherited=True))
                 continue
@@ -221,6 +239,7 @@ class Workspace:
                 refused.setdefault("it changed while being read", []).append(name)
                 continue
             self.own_names.add(name)
+            self.present[name] = (record.id, item.snapshot)
             stored += 1
             extra = {"modified_from": record.modified_from} if record.modified_from else {}
             self.files.append(reply_entry(record, name, **extra))
@@ -297,16 +316,16 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _open_dirs(root: int, parts: list[str], identity: Identity) -> int:
-    """A new fd of ``root/parts...``, creating missing directories (owned by the sandbox user), no links followed."""
+def _open_dirs(root: int, parts: list[str], identity: Identity | None) -> int:
+    """A new fd of ``root/parts...``, no links followed; with an ``identity``, missing directories are
+    created (owned by the sandbox user)."""
     fd = os.dup(root)
     try:
         for part in parts:
-            try:
-                os.mkdir(part, 0o755, dir_fd=fd)
-                os.chown(part, identity.uid, identity.gid, dir_fd=fd, follow_symlinks=False)
-            except FileExistsError:
-                pass
+            if identity is not None:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    os.chown(part, identity.uid, identity.gid, dir_fd=fd, follow_symlinks=False)
             child = os.open(part, DIR_FLAGS, dir_fd=fd)
             os.close(fd)
             fd = child
@@ -314,6 +333,33 @@ def _open_dirs(root: int, parts: list[str], identity: Identity) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _snapshot(root: int, name: str) -> Snapshot | None:
+    """The snapshot of the regular file ``name`` under ``root`` (links not followed), or None."""
+    *parents, leaf = name.split("/")
+    try:
+        directory = _open_dirs(root, parents, None)
+    except OSError:
+        return None
+    try:
+        info = os.stat(leaf, dir_fd=directory, follow_symlinks=False)
+    except OSError:
+        return None
+    finally:
+        os.close(directory)
+    return Snapshot(info.st_size, info.st_mtime_ns, info.st_ino) if stat.S_ISREG(info.st_mode) else None
+
+
+def _remove(root: int, name: str) -> None:
+    """Unlink ``name`` under ``root`` if it is there (links not followed; a directory is left alone)."""
+    *parents, leaf = name.split("/")
+    with contextlib.suppress(OSError):
+        directory = _open_dirs(root, parents, None)
+        try:
+            os.unlink(leaf, dir_fd=directory)
+        finally:
+            os.close(directory)
 
 
 def _open_regular(run_dir: Path, parts: tuple[str, ...]) -> int:

@@ -15,7 +15,7 @@ from tests.conftest import ServerProcess, open_dir
 pytestmark = pytest.mark.nsjail
 
 RESPONSE_KEYS = {"session_id", "files", "stdout", "stderr", "exit_code", "status", "duration_ms", "language",
-                 "truncated", "runtime_session_id", "runtime_status", "deleted_files"}  # fmt: skip
+                 "truncated", "runtime_session_id", "runtime_status", "deleted_files", "state_warnings"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ def test_two_servers_share_sessions_and_files(bases: tuple[Path, Path], redis_ur
         assert [entry["name"] for entry in listing.json()] == ["sum.txt"]
         # The session continues on the other node, with its file.
         again = node_a.exec("print(open('sum.txt').read())", "py", session_id=exec_sid, user_id="u1")
-        assert (again["session_id"], again["runtime_status"], again["stdout"]) == (exec_sid, "reused", "6\n")
+        assert (again["session_id"], again["runtime_status"], again["stdout"]) == (exec_sid, "restored", "6\n")
     finally:
         assert node_a.stop() == 0
         assert node_b.stop() == 0

@@ -1,0 +1,385 @@
+"""Python kernels seen from the host: start one in a jail, run code in it, checkpoint and restore it.
+
+A kernel is a ``sandboxes/kernel`` process in an nsjail jail of its own (its own uid from the
+SANDBOX_UID range, run directory and cgroup), talking the framed protocol over a socketpair. The
+host trusts nothing it says: frames are size-checked, output is capped as it arrives, and any
+protocol error, EOF or overrun ends the kernel (``KernelDied``). Timeouts are the host's: at the
+deadline it sends an interrupt, and a kernel that has not answered a moment later is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import socket
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from interpreter.errors import ServiceUnavailable
+from interpreter.execution.launcher import Launch, LauncherConfig, discard, prepare
+from interpreter.execution.runner import OnOutput, RunResult, Status
+from sandboxes.host import RunCgroup, memory_usage, oom_kills
+from sandboxes.jail import Identity, Limits, RunPaths, build_kernel_argv
+from sandboxes.kernel import protocol
+from sandboxes.languages import LanguageSpec
+
+log = logging.getLogger("interpreter.kernels")
+
+INTERRUPT_GRACE_S = 1.0
+MARKER_WAIT_S = 2.0  # after a result, for the output written before it to arrive
+EVENT_BUFFER = 64
+FRAME_MAX = 1024 * 1024  # output and control frames; a state frame may be larger (its own cap)
+LOG_TAIL = 4096
+
+
+class KernelDied(Exception):
+    """The kernel ended, broke the protocol or had to be killed; its live state is gone.
+
+    ``result`` is what the run it was in produced until then (its output, a status and a note).
+    """
+
+    def __init__(self, reason: str, result: RunResult | None = None) -> None:
+        super().__init__(reason)
+        self.result = result
+
+
+class KernelStartFailed(ServiceUnavailable):
+    message = "A Python kernel could not be started"
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    launcher: LauncherConfig
+    paths: RunPaths  # run_dir and log_fd are per kernel; the rest is shared
+    python: LanguageSpec
+    kernel_dir: Path
+    limits: Limits  # wall_s unused: each run has its own deadline
+    output_cap_bytes: int
+    start_timeout_s: float
+    state_max_bytes: int
+
+
+Event = tuple[str, Any, Any]  # ("frame", (kind, header), payload) | ("out", stream, bytes) | ("closed", stream, None)
+#                             | ("dead", reason, None)
+
+
+class _Marker:
+    """Splits one output stream at the run's end marker; bytes after it are not the run's."""
+
+    def __init__(self, marker: bytes) -> None:
+        self.marker, self.pending, self.found = marker, b"", False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.found:
+            return b""
+        data, self.pending = self.pending + chunk, b""
+        if (at := data.find(self.marker)) >= 0:
+            self.found = True
+            return data[:at]
+        # Hold back only a tail that could be the marker's start (so a flushed line is never held up long).
+        keep = next(
+            (n for n in range(min(len(self.marker) - 1, len(data)), 0, -1) if self.marker.startswith(data[-n:])), 0
+        )
+        self.pending = data[len(data) - keep :]
+        return data[: len(data) - keep]
+
+    def rest(self) -> bytes:
+        rest, self.pending = self.pending, b""
+        return rest
+
+
+@dataclass
+class Kernel:
+    launch: Launch
+    stream: trio.SocketStream
+    events: trio.MemoryReceiveChannel[Event]
+    slot: int
+    identity: Identity
+    output_cap: int
+    memory_limit: int
+    started_at: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+    session: str | None = None  # the session it serves; never changes once set
+    generation: int = 0  # the checkpoint its state equals
+    present: dict[str, Any] = field(default_factory=dict)  # what its run directory holds (workspace.py)
+    broken: bool = False
+    log_tail: bytearray = field(default_factory=bytearray)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.launch.run_dir
+
+    @property
+    def alive(self) -> bool:
+        return not self.broken and self.launch.process.returncode is None
+
+    @property
+    def cgroup(self) -> RunCgroup | None:
+        return self.launch.cgroup
+
+    def memory_bytes(self) -> int:
+        return memory_usage(self.launch.cgroup) if self.launch.cgroup is not None else 0
+
+    async def send(self, kind: int, header: dict[str, Any] | None = None, payload: bytes = b"") -> None:
+        try:
+            await self.stream.send_all(protocol.encode(kind, header, payload))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.broken = True
+            raise KernelDied("the kernel stopped reading") from None
+
+    async def reply(self, wanted: int) -> tuple[dict[str, Any], bytes]:
+        """The next frame of kind ``wanted``; output in between (background threads) is not any run's."""
+        while True:
+            try:
+                event, first, second = await self.events.receive()
+            except trio.EndOfChannel:
+                event, first, second = "dead", "the kernel ended", None
+            if event == "dead":
+                self.broken = True
+                raise KernelDied(first)
+            if event == "frame" and first[0] == wanted:
+                return first[1], second
+
+    # --- requests ----------------------------------------------------------------------------------------
+
+    async def run(self, code: str, args: tuple[str, ...], stdin: bytes | None, timeout_s: float,
+                  on_output: OnOutput | None) -> RunResult:  # fmt: skip
+        """One cell. Output is capped per stream as it arrives; over the cap or the deadline, the cell is
+        interrupted, and the kernel is killed if it does not stop (``KernelDied``, with what it printed)."""
+        marker = secrets.token_hex(16)
+        self.last_used = time.monotonic()
+        await self.send(protocol.RUN, {"code": code, "args": list(args), "marker": marker})
+        if stdin:
+            await self.send(protocol.STDIN, None, stdin)
+        await self.send(protocol.STDIN_EOF)
+        streams = {name: _Marker(marker.encode()) for name in ("stdout", "stderr")}
+        captured = {name: bytearray() for name in streams}
+        started = time.monotonic()
+        deadline = trio.current_time() + timeout_s
+        interrupted: Status | None = None
+        result: dict[str, Any] | None = None
+        dead: str | None = None
+        closed: set[str] = set()
+        oom_before = oom_kills(self.cgroup) if self.cgroup is not None else 0
+
+        async def keep(name: str, data: bytes) -> None:
+            nonlocal interrupted, deadline
+            room = max(0, self.output_cap - len(captured[name]))
+            kept = data[:room]
+            captured[name] += kept
+            if kept and on_output is not None:
+                await on_output(name, kept)
+            if len(kept) < len(data) and interrupted is None:
+                interrupted = "output_limit"
+                await self._interrupt()
+                deadline = trio.current_time() + INTERRUPT_GRACE_S
+
+        try:
+            while True:
+                with trio.move_on_at(deadline):
+                    try:
+                        event, first, second = await self.events.receive()
+                    except trio.EndOfChannel:  # the jail is gone and its pipes were read to the end
+                        dead = dead or "the kernel ended"
+                        break
+                    if event == "out":
+                        await keep(first, streams[first].feed(second))
+                    elif event == "closed":
+                        closed.add(first)
+                    elif event == "dead":
+                        dead, deadline = first, trio.current_time() + INTERRUPT_GRACE_S  # the pipes' last bytes
+                    elif event == "frame" and first[0] == protocol.RESULT:
+                        result, deadline = first[1], trio.current_time() + MARKER_WAIT_S
+                    if (result is not None and all(s.found for s in streams.values())) or len(closed) == 2:
+                        break
+                    continue
+                if result is not None or dead is not None:
+                    break  # the markers (or the pipes' ends) did not come in time: what arrived is all
+                if interrupted is not None:  # interrupted, and still going: it goes
+                    await self.kill()
+                    dead, deadline = f"the run ignored its {interrupted}", trio.current_time() + INTERRUPT_GRACE_S
+                    continue
+                interrupted = "timeout"
+                await self._interrupt()
+                deadline = trio.current_time() + INTERRUPT_GRACE_S
+        except KernelDied as exc:  # the kernel stopped reading: it is gone
+            dead = str(exc)
+        finally:
+            self.last_used = time.monotonic()
+        for name, scanner in streams.items():
+            if not scanner.found:
+                await keep(name, scanner.rest())
+        if dead is not None or result is None:
+            self.broken = True
+            raise KernelDied(dead or "no result", self._died(interrupted, captured, oom_before, timeout_s, started))
+        exit_code = result.get("exit_code") if isinstance(result.get("exit_code"), int) else 1
+        status: Status = interrupted or ("ok" if exit_code == 0 else "error")
+        notes = []
+        if self.cgroup is not None and oom_kills(self.cgroup) > oom_before:
+            # A process of the run was killed for memory (a child, say); the kernel itself survived.
+            status = "memory_limit"
+            notes.append(f"A process was killed: the run exceeded the memory limit of {self.memory_limit >> 20} MiB.")
+        elif interrupted == "timeout":
+            notes.append(f"Execution timed out after {timeout_s:g} s.")
+        elif interrupted == "output_limit":
+            notes.append(f"Output exceeded the limit of {self.output_cap} bytes per stream; the program was stopped.")
+        return RunResult(
+            status=status, exit_code=exit_code, stdout=bytes(captured["stdout"]), stderr=bytes(captured["stderr"]),
+            truncated=interrupted == "output_limit", duration_ms=int((time.monotonic() - started) * 1000), notes=notes,
+        )  # fmt: skip
+
+    async def _interrupt(self) -> None:
+        with contextlib.suppress(KernelDied):
+            await self.send(protocol.INTERRUPT)
+
+    def _died(self, interrupted: Status | None, captured: dict[str, bytearray], oom_before: int, timeout_s: float,
+              started: float) -> RunResult:  # fmt: skip
+        status: Status = interrupted or "error"
+        note = "The Python kernel stopped during the run; variables since the last saved state are lost."
+        if self.cgroup is not None and oom_kills(self.cgroup) > oom_before:
+            status = "memory_limit"
+            note = (f"The program was killed: it exceeded the memory limit of {self.memory_limit >> 20} MiB; "
+                    "variables since the last saved state are lost.")  # fmt: skip
+        elif interrupted == "timeout":
+            note = f"Execution timed out after {timeout_s:g} s; the kernel had to be stopped."
+        return RunResult(
+            status=status, exit_code=None, stdout=bytes(captured["stdout"]), stderr=bytes(captured["stderr"]),
+            truncated=interrupted == "output_limit", duration_ms=int((time.monotonic() - started) * 1000),
+            notes=[note],
+        )  # fmt: skip
+
+    async def checkpoint(self, max_bytes: int) -> tuple[bytes | None, list[str]]:
+        """(opaque state, warnings). None when the state is over ``max_bytes`` (a warning says so)."""
+        await self.send(protocol.CHECKPOINT, {"max_bytes": max_bytes})
+        header, payload = await self.reply(protocol.STATE)
+        return (payload if header.get("saved") else None), _warnings(header)
+
+    async def restore(self, state: bytes) -> list[str]:
+        await self.send(protocol.RESTORE, None, state)
+        header, _ = await self.reply(protocol.RESULT)
+        return _warnings(header)
+
+    async def kill(self) -> None:
+        self.broken = True
+        process = self.launch.process
+        if process.returncode is None:
+            process.terminate()  # nsjail kills the jailed tree
+            with trio.move_on_after(INTERRUPT_GRACE_S):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+
+
+def _warnings(header: dict[str, Any]) -> list[str]:
+    """The kernel's warnings, bounded (they come from the user's process)."""
+    warnings = header.get("warnings")
+    return [str(w)[:300] for w in warnings[:100]] if isinstance(warnings, list) else []
+
+
+async def serve_kernel(config: KernelConfig, slot: int, identity: Identity, active: set[Path], *,
+                       task_status: trio.TaskStatus[Kernel] = trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
+    """Start a kernel and keep its jail's pipes drained for as long as it lives (a task per kernel).
+
+    ``started()`` carries the Kernel once it is ready. When it ends, everything of the jail is removed.
+
+    Raises:
+        KernelStartFailed: the jail or the kernel did not come up within REPL_WARMUP_TIMEOUT_SECONDS.
+    """
+    host_end, jail_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    jail_fd = jail_end.fileno()  # the launcher inherits it under the same number
+    try:
+        launch = await prepare(config.launcher, active, identity=identity, pass_fds=(jail_fd,))
+    except BaseException:
+        host_end.close()
+        raise
+    finally:
+        jail_end.close()
+    try:
+        paths = replace(config.paths, run_dir=launch.run_dir, log_fd=launch.log_fd)
+        argv = build_kernel_argv(config.python, config.limits, paths, identity, kernel_dir=config.kernel_dir,
+                                 socket_fd=jail_fd)  # fmt: skip
+        if launch.cgroup is not None:
+            launch.cgroup.set_limits(config.limits.memory_bytes, config.limits.pids)
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(host_end))
+        send_events, events = trio.open_memory_channel[Event](EVENT_BUFFER)
+        kernel = Kernel(launch, stream, events, slot, identity, config.output_cap_bytes, config.limits.memory_bytes)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_drain, launch.log_pipe, kernel.log_tail)
+            assert launch.process.stdout is not None
+            assert launch.process.stderr is not None
+            for name, pipe in (("stdout", launch.process.stdout), ("stderr", launch.process.stderr)):
+                nursery.start_soon(_pump, pipe, name, send_events.clone())
+            nursery.start_soon(_read_frames, stream, send_events.clone(), config.state_max_bytes)
+            send_events.close()
+            try:
+                await launch.start(argv)
+            finally:
+                launch.close_log_write_end()
+            with trio.move_on_after(config.start_timeout_s) as waiting:
+                try:
+                    await kernel.reply(protocol.READY)
+                except KernelDied:
+                    waiting.cancel()
+            if waiting.cancelled_caught:
+                jail_log = kernel.log_tail.decode(errors="replace")
+                log.error("a kernel did not start", extra={"fields": {"jail_log": jail_log}})
+                raise KernelStartFailed()
+            task_status.started(kernel)
+            await launch.process.wait()
+            kernel.broken = True
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            host_end.close()
+            await discard(launch, active)
+
+
+async def _drain(stream: trio.abc.ReceiveStream, tail: bytearray) -> None:
+    """Read a jail pipe to its end, keeping the last bytes for diagnostics (an unread pipe would block nsjail)."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        while chunk := await stream.receive_some(65536):
+            tail += chunk
+            del tail[: max(0, len(tail) - LOG_TAIL)]
+
+
+async def _pump(stream: trio.abc.ReceiveStream, name: str, events: trio.MemorySendChannel[Event]) -> None:
+    """The kernel's stdout or stderr (the user's fd 1 or 2) into its events; a full channel blocks the writer."""
+    async with events:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while chunk := await stream.receive_some(65536):
+                await events.send(("out", name, chunk))
+        await events.send(("closed", name, None))
+
+
+async def _read_frames(stream: trio.SocketStream, events: trio.MemorySendChannel[Event], state_max: int) -> None:
+    """The kernel's frames into its events. A protocol error, an oversized frame or EOF ends the kernel."""
+    buffer = bytearray()
+
+    async def exactly(count: int) -> bytes:
+        while len(buffer) < count:
+            chunk = await stream.receive_some(max(65536, count - len(buffer)))
+            if not chunk:
+                raise KernelDied("the kernel ended")
+            buffer.extend(chunk)
+        data = bytes(buffer[:count])
+        del buffer[:count]
+        return data
+
+    async with events:
+        try:
+            while True:
+                rest, kind, header_length = protocol.decode_prefix(await exactly(protocol.PREFIX.size),
+                                                                   state_max + FRAME_MAX)  # fmt: skip
+                if kind != protocol.STATE and rest > FRAME_MAX:
+                    raise protocol.ProtocolError("an oversized frame")
+                header, payload = protocol.decode_body(await exactly(rest), header_length)
+                await events.send(("frame", (kind, header), payload))
+        except protocol.ProtocolError as exc:
+            await events.send(("dead", f"the kernel broke the protocol ({exc})", None))
+        except (KernelDied, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            await events.send(("dead", str(exc) or "the kernel ended", None))

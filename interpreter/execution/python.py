@@ -1,0 +1,103 @@
+"""Python runs in kernels: a session's live kernel, or a pool kernel restored from its checkpoint.
+
+One run of a session at a time (the session lock, across nodes too). A live kernel is used only
+while its generation equals the stored one (DESIGN §4: another node may have run the session
+since); otherwise it is dropped and a fresh kernel gets the stored checkpoint. After a successful
+run (or any, with STATE_CAPTURE_ON_ERROR) the kernel serialises its variables in the jail; their
+warnings go into the reply, and the bytes are stored after the reply, before the lock is released.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+
+from interpreter.execution.executor import Work
+from interpreter.execution.kernel_pool import KernelPool
+from interpreter.execution.kernels import Kernel, KernelDied
+from interpreter.execution.runner import Job, OnOutput, RunResult
+from interpreter.execution.state import StateStore
+from interpreter.execution.workspace import Workspace
+from interpreter.files.catalog import Session
+
+log = logging.getLogger("interpreter.kernels")
+
+LOCK_LEASE_EXTRA_S = 120  # beyond the run's timeout: staging, collecting, checkpointing
+NO_SOURCE = ""  # a kernel has no source file in /mnt/data
+
+
+@dataclass
+class PythonOutcome:
+    """What a Python run adds to its reply."""
+
+    restored: bool = False
+    state_warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PythonRuns:
+    pool: KernelPool
+    state: StateStore
+    persist_state: bool  # STATE_PERSISTENCE_ENABLED
+    capture_on_error: bool  # STATE_CAPTURE_ON_ERROR
+    state_max_bytes: int
+
+    def work(self, job: Job, session: Session, existing: bool, workspace: Workspace, outcome: PythonOutcome) -> Work:
+        """The executor work for ``job`` in ``session`` (``existing``: the session is not new)."""
+
+        async def steps(on_output: OnOutput | None) -> AsyncGenerator[RunResult, None]:
+            owner, session_id = session.owner, session.id
+            key = f"{owner}:{session_id}"
+            lease = job.timeout_s + LOCK_LEASE_EXTRA_S
+            async with self.state.session_lock(owner, session_id, lease_s=lease, wait_s=lease):
+                kernel = await self._kernel_for(key, owner, session_id, existing, outcome)
+                try:
+                    await workspace.stage(kernel.run_dir, NO_SOURCE, kernel.identity, kernel.present)
+                    result = await kernel.run(job.code, job.args, job.stdin, job.timeout_s, on_output)
+                    await workspace.collect(kernel.run_dir, NO_SOURCE)
+                    kernel.present = workspace.present
+                    state = await self._checkpoint(kernel, result, outcome)
+                except KernelDied as died:
+                    self.pool.discard(kernel)
+                    log.info("a kernel died during a run", extra={"fields": {"reason": str(died)}})
+                    if died.result is None:
+                        raise
+                    yield died.result
+                    return
+                except BaseException:
+                    self.pool.discard(kernel)
+                    raise
+                yield result
+                if state is not None:
+                    kernel.generation = await self.state.save(owner, session_id, state)
+                self.pool.keep(key, kernel)
+
+        return steps
+
+    async def _kernel_for(self, key: str, owner: str, session_id: str, existing: bool,
+                          outcome: PythonOutcome) -> Kernel:  # fmt: skip
+        """The session's live kernel if it is current, else a pool kernel with the session's checkpoint."""
+        generation = await self.state.generation(owner, session_id) if existing else 0
+        kernel = self.pool.take_live(key)
+        if kernel is not None and kernel.alive and kernel.generation == generation:
+            return kernel
+        if kernel is not None:
+            self.pool.discard(kernel)  # out of date: the session ran elsewhere since
+        kernel = await self.pool.take()
+        try:
+            kernel.generation = generation
+            if existing and self.persist_state and (state := await self.state.load(owner, session_id)) is not None:
+                outcome.state_warnings += await kernel.restore(state)
+                outcome.restored = True
+        except BaseException:
+            self.pool.discard(kernel)
+            raise
+        return kernel
+
+    async def _checkpoint(self, kernel: Kernel, result: RunResult, outcome: PythonOutcome) -> bytes | None:
+        if not self.persist_state or (result.status != "ok" and not self.capture_on_error):
+            return None
+        state, warnings = await kernel.checkpoint(self.state_max_bytes)
+        outcome.state_warnings += warnings
+        return state
