@@ -61,6 +61,28 @@ def files(section: dict[str, Any]) -> list[str]:
     return lines
 
 
+def kernels(section: dict[str, Any]) -> list[str]:
+    lines = [
+        "| Python kernels | p50 | p95 |",
+        "|---|---|---|",
+        f"| `print(1)` in a session with a live kernel | {section['live_print']['p50_ms']} ms | "
+        f"{section['live_print']['p95_ms']} ms |",
+        f"| first run of a new session, kernel from the pool | {section['pool_first_run']['p50_ms']} ms | "
+        f"{section['pool_first_run']['p95_ms']} ms |",
+        f"| session resumed from a 1 MB checkpoint (no live kernel) | {section['restore_1mb']['p50_ms']} ms | "
+        f"{section['restore_1mb']['p95_ms']} ms |",
+        "",
+        f"New-session throughput at concurrency 10: {section['new_session_runs_per_s_c10']} runs/s "
+        f"(the reference server: 1.2). Memory of an idle live kernel: {section['idle_kernel_memory_mib_median']} MiB.",
+        "",
+        "| target (issue) | measured | met |",
+        "|---|---|---|",
+    ]
+    for name, target in section["targets"].items():
+        lines.append(f"| {name} {target['target']} | {target['measured']} | {'yes' if target['met'] else 'no'} |")
+    return lines
+
+
 def render(report: dict[str, Any]) -> str:
     parts = []
     if "foundation" in report:
@@ -68,6 +90,9 @@ def render(report: dict[str, Any]) -> str:
     if "exec" in report:
         parts += [*execution(report["exec"]), ""]
         parts.append(f"Measured {report['exec']['measured_at']} ({report['exec']['method']}).")
+    if "kernels" in report:
+        measured = f"Measured {report['kernels']['measured_at']} (bench/kernels.py)."
+        parts += ["", *kernels(report["kernels"]), "", measured]
     if "files" in report:
         parts += ["", *files(report["files"]), "", f"Measured {report['files']['measured_at']} (bench/files.py)."]
     return "\n".join(parts).strip()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
+from interpreter.execution.setup import pool_config
 from interpreter.settings import Settings
 from sandboxes.cgroups import detect_cgroups
 from sandboxes.nsjail import locate_nsjail
@@ -163,7 +164,7 @@ def check_directories(settings: Settings) -> Iterator[Finding]:
 
 
 def check_uid_range(settings: Settings) -> Iterator[Finding]:
-    span = 2 + settings.max_live_kernels + settings.sandbox_pool_py
+    span = 2 + pool_config(settings).slots  # one-shot runs, a zygote, then a uid per kernel slot
     first, last = settings.sandbox_uid, settings.sandbox_uid + span - 1
     taken = []
     for uid in range(first, last + 1):

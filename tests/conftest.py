@@ -68,6 +68,7 @@ def make_settings(base: Path, **env: str) -> Settings:
         "DATA_DIR": str(base / "data"),
         "SSL_CERTS_PATH": str(base / "ssl"),
         "SHUTDOWN_GRACE_SECONDS": "5",
+        "SANDBOX_POOL_WARMUP_ON_STARTUP": "false",  # DESIGN §10: no warm-up unless a test is about the pool
         **env,
     }
     return load_settings(environ, env_file=None)
@@ -137,6 +138,7 @@ class ServerProcess:
             "PORT": str(self.port), "API_HOST": "127.0.0.1", "API_KEY": self.key,
             "SANDBOX_BASE_DIR": str(base / "sandboxes"), "DATA_DIR": str(base / "data"), "SANDBOX_UID": str(self.uid),
             "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "LOG_FILE": str(self.log_path), "SHUTDOWN_GRACE_SECONDS": "5",
+            "SANDBOX_POOL_WARMUP_ON_STARTUP": "false",  # DESIGN §10: no warm-up unless a test is about the pool
         }  # fmt: skip
         self.env = cli_env(**{**defaults, **env})
         self.proc: subprocess.Popen[bytes] | None = None
@@ -191,7 +193,7 @@ class ServerProcess:
         response = httpx.post(
             f"{self.url}/exec", json={"code": code, "lang": lang, **fields}, headers=self.headers, timeout=timeout_s
         )
-        assert response.status_code == 200, response.text
+        assert response.status_code == 200, f"{response.text}\n{self.log_tail(60)}"
         result: dict[str, Any] = response.json()
         return result
 

@@ -153,10 +153,10 @@ class Kernel:
         interrupted, and the kernel is killed if it does not stop (``KernelDied``, with what it printed)."""
         marker = secrets.token_hex(16)
         self.last_used = time.monotonic()
-        await self.send(protocol.RUN, {"code": code, "args": list(args), "marker": marker})
-        if stdin:
-            await self.send(protocol.STDIN, None, stdin)
-        await self.send(protocol.STDIN_EOF)
+        # The whole stdin rides with the run (streaming will send STDIN frames instead).
+        await self.send(
+            protocol.RUN, {"code": code, "args": list(args), "marker": marker, "stdin_eof": True}, stdin or b""
+        )
         streams = {name: _Marker(marker.encode()) for name in ("stdout", "stderr")}
         captured = {name: bytearray() for name in streams}
         started = time.monotonic()
@@ -330,13 +330,18 @@ async def serve_kernel(config: KernelConfig, slot: int, identity: Identity, acti
                 log.error("a kernel did not start", extra={"fields": {"jail_log": jail_log}})
                 raise KernelStartFailed()
             task_status.started(kernel)
-            await launch.process.wait()
-            kernel.broken = True
-            nursery.cancel_scope.cancel()
+            try:
+                await launch.process.wait()
+            finally:
+                kernel.broken = True
+                nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             host_end.close()
-            await discard(launch, active)
+            try:
+                await discard(launch, active)
+            except Exception:  # one kernel's cleanup trouble must never take the pool (and every kernel) down
+                log.exception("a kernel's jail could not be cleaned up")
 
 
 async def _drain(stream: trio.abc.ReceiveStream, tail: bytearray) -> None:

@@ -25,6 +25,7 @@ log = logging.getLogger("interpreter.kernels")
 
 LOCK_LEASE_EXTRA_S = 120  # beyond the run's timeout: staging, collecting, checkpointing
 NO_SOURCE = ""  # a kernel has no source file in /mnt/data
+LOST = "The Python kernel stopped after the run: its variables were not saved."
 
 
 @dataclass
@@ -54,10 +55,17 @@ class PythonRuns:
                 kernel = await self._kernel_for(key, owner, session_id, existing, outcome)
                 try:
                     await workspace.stage(kernel.run_dir, NO_SOURCE, kernel.identity, kernel.present)
+                except OSError:  # its jail went away between runs (it died while idle): a fresh kernel
+                    self.pool.discard(kernel)
+                    kernel = await self._kernel_for(key, owner, session_id, existing, outcome)
+                    await workspace.stage(kernel.run_dir, NO_SOURCE, kernel.identity, kernel.present)
+                except BaseException:  # the store failed: the kernel is as it was, and stays the session's
+                    self.pool.keep(key, kernel)
+                    raise
+                try:
                     result = await kernel.run(job.code, job.args, job.stdin, job.timeout_s, on_output)
                     await workspace.collect(kernel.run_dir, NO_SOURCE)
                     kernel.present = workspace.present
-                    state = await self._checkpoint(kernel, result, outcome)
                 except KernelDied as died:
                     self.pool.discard(kernel)
                     log.info("a kernel died during a run", extra={"fields": {"reason": str(died)}})
@@ -68,6 +76,13 @@ class PythonRuns:
                 except BaseException:
                     self.pool.discard(kernel)
                     raise
+                try:
+                    state = await self._checkpoint(kernel, result, outcome)
+                except KernelDied:  # it died right after the run: the reply stands, the state is the last one
+                    self.pool.discard(kernel)
+                    outcome.state_warnings.append(LOST)
+                    yield result
+                    return
                 yield result
                 if state is not None:
                     kernel.generation = await self.state.save(owner, session_id, state)
@@ -90,6 +105,13 @@ class PythonRuns:
             if existing and self.persist_state and (state := await self.state.load(owner, session_id)) is not None:
                 outcome.state_warnings += await kernel.restore(state)
                 outcome.restored = True
+        except KernelDied:
+            # Restoring killed it (a state that needs more memory than the limit, say): go on without it.
+            self.pool.discard(kernel)
+            outcome.state_warnings.append("The saved variables could not be restored; this run starts without them.")
+            outcome.restored = False
+            kernel = await self.pool.take()
+            kernel.generation = generation
         except BaseException:
             self.pool.discard(kernel)
             raise

@@ -57,7 +57,7 @@ class StateStore:
     archive_after_s: float
     archive_ttl_s: float
     archive_enabled: bool = True
-    _local_locks: dict[str, trio.Lock] = field(default_factory=dict)
+    _local_locks: dict[str, trio.Lock] = field(default_factory=dict, init=False)
 
     async def generation(self, owner: str, session_id: str) -> int:
         raw = await self.kv.get(f"gen:{owner}:{session_id}")

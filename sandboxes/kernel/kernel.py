@@ -106,6 +106,10 @@ class Kernel:
             if kind in (protocol.RUN, protocol.CHECKPOINT, protocol.RESTORE):
                 if kind == protocol.RUN:  # STDIN frames after this one belong to this run
                     self.stdin_queue.put(NEW_RUN)
+                    if payload:  # the run's stdin may come with it, and its end too
+                        self.stdin_queue.put(payload)
+                    if header.get("stdin_eof"):
+                        self.stdin_queue.put(None)
                 self.requests.put((kind, header, payload))
             elif kind == protocol.STDIN:
                 self.stdin_queue.put(payload)
@@ -286,13 +290,17 @@ def save_figures() -> None:
         return
     for number in pyplot.get_fignums():
         figure = pyplot.figure(number)
-        path = os.path.join(RUN_DIR, f"figure-{number}.png")
-        suffix = 1
-        while os.path.lexists(path):
-            suffix += 1
-            path = os.path.join(RUN_DIR, f"figure-{number}-{suffix}.png")
+        path = _next_free(os.path.join(RUN_DIR, "figure-{}.png"))
         figure.savefig(path, format="png")
     pyplot.close("all")
+
+
+def _next_free(pattern: str) -> str:
+    """The first of pattern.format(1), (2), ... that does not exist: figures never overwrite earlier files."""
+    number = 1
+    while os.path.lexists(pattern.format(number)):
+        number += 1
+    return pattern.format(number)
 
 
 def stop_strays() -> None:
