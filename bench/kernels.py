@@ -28,6 +28,7 @@ from common import free_port, percentile, start_server, stop_server
 
 REPORT = Path(__file__).resolve().parent / "report.json"
 REFERENCE_RUNS_PER_S = 1.2
+POOL_SIZE = 4
 TARGETS = {"live_print_p50_ms": 3.0, "pool_first_run_p50_ms": 15.0, "restore_1mb_p50_ms": 60.0,
            "new_session_runs_per_s_c10": 5 * REFERENCE_RUNS_PER_S}  # fmt: skip
 
@@ -67,8 +68,8 @@ def kernel_memory_mib(run_ids: list[str]) -> list[float]:
 
 def live_and_pool(url: str, key: str, runs: int) -> dict[str, Any]:
     with httpx.Client(base_url=url, headers={"x-api-key": key}, timeout=120) as http:
-        wait_ready(http, 2)
         sid = timed(http, {"lang": "py", "code": "x = 1"})[1]["session_id"]
+        wait_ready(http, POOL_SIZE)  # nothing else is starting while it is measured
         for _ in range(3):
             timed(http, {"lang": "py", "code": "print(1)", "session_id": sid})
         live = [timed(http, {"lang": "py", "code": "print(1)", "session_id": sid})[0] for _ in range(runs)]
@@ -136,7 +137,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-kernels-"))
     work.chmod(0o755)
-    pool = {"SANDBOX_POOL_PY": "4", "SANDBOX_POOL_REPLENISH_INTERVAL": "0"}
+    pool = {"SANDBOX_POOL_PY": str(POOL_SIZE), "SANDBOX_POOL_REPLENISH_INTERVAL": "0"}
     try:
         section: dict[str, Any] = {"measured_at": time.strftime("%Y-%m-%d")}
         section |= with_server(work, pool, lambda url, key: live_and_pool(url, key, args.runs))

@@ -107,6 +107,7 @@ class Kernel:
     session: str | None = None  # the session it serves; never changes once set
     generation: int = 0  # the checkpoint its state equals
     present: dict[str, Any] = field(default_factory=dict)  # what its run directory holds (workspace.py)
+    saved: tuple[bytes, float] | None = None  # digest and time of the checkpoint it last stored
     broken: bool = False
     log_tail: bytearray = field(default_factory=bytearray)
 

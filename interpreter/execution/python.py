@@ -9,7 +9,9 @@ warnings go into the reply, and the bytes are stored after the reply, before the
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
@@ -84,8 +86,9 @@ class PythonRuns:
                     yield result
                     return
                 yield result
-                if state is not None:
+                if state is not None and self._changed(kernel, state):
                     kernel.generation = await self.state.save(owner, session_id, state)
+                    kernel.saved = (hashlib.sha256(state).digest(), time.monotonic())
                 self.pool.keep(key, kernel)
 
         return steps
@@ -116,6 +119,14 @@ class PythonRuns:
             self.pool.discard(kernel)
             raise
         return kernel
+
+    def _changed(self, kernel: Kernel, state: bytes) -> bool:
+        """False when the stored checkpoint already holds exactly these bytes (and is far from expiring)."""
+        if kernel.saved is None:
+            return True
+        digest, saved_at = kernel.saved
+        fresh = time.monotonic() - saved_at < self.state.ttl_s / 4
+        return not (fresh and digest == hashlib.sha256(state).digest())
 
     async def _checkpoint(self, kernel: Kernel, result: RunResult, outcome: PythonOutcome) -> bytes | None:
         if not self.persist_state or (result.status != "ok" and not self.capture_on_error):
