@@ -83,6 +83,15 @@ def kernels(section: dict[str, Any]) -> list[str]:
     return lines
 
 
+def streaming(section: dict[str, Any]) -> list[str]:
+    lines = ["| a flushed line, program to WebSocket client | p50 | p95 | max |", "|---|---|---|---|"]
+    for lang in ("py", "bash"):
+        figures = section[lang]
+        what = "Python (live kernel)" if lang == "py" else "bash (one-shot)"
+        lines.append(f"| {what} | {figures['p50_ms']} ms | {figures['p95_ms']} ms | {figures['max_ms']} ms |")
+    return lines
+
+
 def render(report: dict[str, Any]) -> str:
     parts = []
     if "foundation" in report:
@@ -93,6 +102,9 @@ def render(report: dict[str, Any]) -> str:
     if "kernels" in report:
         measured = f"Measured {report['kernels']['measured_at']} (bench/kernels.py)."
         parts += ["", *kernels(report["kernels"]), "", measured]
+    if "streaming" in report:
+        measured = f"Measured {report['streaming']['measured_at']} (bench/streaming.py; target: within 50 ms)."
+        parts += ["", *streaming(report["streaming"]), "", measured]
     if "files" in report:
         parts += ["", *files(report["files"]), "", f"Measured {report['files']['measured_at']} (bench/files.py)."]
     return "\n".join(parts).strip()

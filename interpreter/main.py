@@ -207,9 +207,12 @@ async def serve(
     register_base_checks(health, settings, board, warnings)
     authenticator = KeyAuthenticator(settings.all_api_keys, settings.master_api_key, settings.auth_enabled)
 
+    shutting_down = trio.Event()
+
     async def stop_when_triggered() -> None:
         await shutdown_trigger()
         notifier.notify("STOPPING=1")
+        shutting_down.set()  # open WebSockets stop their runs and close with 1001
 
     # Outer resources first (STYLE §3): the sandbox host, the asyncio bridge, the stores.
     with open_execution(settings) as execution:
@@ -226,6 +229,7 @@ async def serve(
                 stores=stores,
                 catalog=Catalog(stores.kv, stores.blobs, ttl_s=settings.session_ttl_h * 3600),
                 python=python_runs(settings, execution, stores),
+                shutdown=shutting_down,
             )
             if execution.kernels is not None:
                 health.register("kernels", partial(kernels_check, execution.kernels), required=False)

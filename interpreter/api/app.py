@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import trio
 from quart import Blueprint, Response, current_app, g, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -51,6 +52,7 @@ class AppDeps:
     stores: Stores
     catalog: Catalog
     python: PythonRuns | None = None
+    shutdown: trio.Event = field(default_factory=trio.Event)  # set when the server starts to stop
 
 
 def current_deps() -> AppDeps:
@@ -73,7 +75,7 @@ def create_app(deps: AppDeps, *, blueprints: Iterable[Blueprint] = ()) -> asgi.A
     ``blueprints`` are extra routers mounted beside the built-in ones (tests mount routes there).
     """
     settings = deps.settings
-    from interpreter.api import execute, files, health, openapi, upload  # imported here: they import this module
+    from interpreter.api import execute, files, health, openapi, stream, upload  # they import this module
 
     app = QuartTrio("interpreter")
     app.request_class = BoundedRequest
@@ -151,6 +153,7 @@ def create_app(deps: AppDeps, *, blueprints: Iterable[Blueprint] = ()) -> asgi.A
 
     app.register_blueprint(health.blueprint)
     app.register_blueprint(execute.blueprint)
+    app.register_blueprint(stream.blueprint)
     app.register_blueprint(upload.blueprint)
     app.register_blueprint(files.blueprint)
     if settings.enable_docs:

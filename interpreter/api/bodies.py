@@ -38,8 +38,12 @@ async def json_body(model: type[M]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        details = [
-            {"field": _field(err["loc"]), "message": err["msg"], "code": err["type"]}
-            for err in exc.errors(include_url=False, include_input=False)
-        ]
-        raise ValidationFailed(details=details) from None
+        raise ValidationFailed(details=validation_details(exc)) from None
+
+
+def validation_details(exc: ValidationError) -> list[dict[str, Any]]:
+    """The envelope's ``details`` for a pydantic error: one ``{field, message, code}`` per problem."""
+    return [
+        {"field": _field(err["loc"]), "message": err["msg"], "code": err["type"]}
+        for err in exc.errors(include_url=False, include_input=False)
+    ]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Literal
 
+import trio
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from quart import Blueprint, Response
 
@@ -22,10 +23,11 @@ from interpreter.api.app import current_deps, current_principal
 from interpreter.api.bodies import json_body
 from interpreter.api.envelope import envelope
 from interpreter.api.openapi import documented
+from interpreter.auth.principals import Principal
 from interpreter.errors import BadRequest, InterpreterError, ServiceUnavailable
 from interpreter.execution.executor import RunHandle, Work, clamp_timeout_s, wait_or_timeout
 from interpreter.execution.python import PythonOutcome
-from interpreter.execution.runner import Job, RunResult
+from interpreter.execution.runner import Job, OnOutput, RunResult
 from interpreter.execution.sessions import Resolved, resolve_session
 from interpreter.execution.workspace import FileLimits, Ref, Workspace, plan_workspace
 from interpreter.settings import Settings
@@ -181,30 +183,13 @@ def render(result: RunResult, context: RunContext) -> dict[str, Any]:
 )  # fmt: skip
 async def exec_code() -> Response | dict[str, Any]:
     body = await json_body(ExecRequest)
-    job = build_job(body)  # every validation error before any store is touched
-    deps = current_deps()
-    principal = current_principal()
-    refs = [file.ref for file in body.files]
-    resolved = await resolve_session(
-        deps.catalog, principal.storage_prefix, user_id=body.user_id, session_id=body.session_id,
-        hint=body.runtime_session_hint, file_session_ids=[ref.session_id for ref in refs], entity_id=body.entity_id,
-    )  # fmt: skip
-    workspace = await plan_workspace(deps.catalog, resolved.session, refs, file_limits(deps.settings))
-    context = RunContext(job.language.code, None, resolved, workspace, principal.id)
-    work: Work
-    if job.language.code == "py" and deps.python is not None:
-        context = replace(context, python=PythonOutcome())
-        assert context.python is not None
-        work = deps.python.work(job, resolved.session, resolved.status == "reused", workspace, context.python)
-    else:
-        work = partial(deps.executor.runner.steps, replace(job, files=workspace))
-    handle = deps.executor.submit(work)  # 503 here, before any byte of the reply
+    handle, context = await start_run(body, current_principal())
     finished = False
     try:
         if await wait_or_timeout(handle, KEEPALIVE_AFTER_S):
             result = await handle.wait()
             finished = True
-            _log_run(result, context)
+            log_run(result, context)
             return render(result, context)
         finished = True  # the stream below owns the handle from here
     finally:
@@ -228,13 +213,43 @@ async def _keepalive_stream(handle: RunHandle, context: RunContext) -> AsyncIter
             failure = ServiceUnavailable("Unexpected error during code execution")
             yield json.dumps(envelope(503, str(failure), request_id=None)).encode()
             return
-        _log_run(result, context)
+        log_run(result, context)
         yield json.dumps(render(result, context)).encode()
     finally:
         handle.cancel()  # a no-op once done; cancels the run when the client disconnected
 
 
-def _log_run(result: RunResult, context: RunContext) -> None:
+async def start_run(
+    body: ExecRequest, principal: Principal, on_output: OnOutput | None = None,
+    stdin_stream: trio.MemoryReceiveChannel[bytes | None] | None = None,
+) -> tuple[RunHandle, RunContext]:  # fmt: skip
+    """Validate, find the session, plan its files and submit the run (for /exec and the streaming routes).
+
+    Raises:
+        BadRequest: unsupported language, empty code, bad args.
+        QueueFull: no run slot and no room in the queue (503).
+        StoreUnavailable: a store failed (503).
+    """
+    job = replace(build_job(body), stdin_stream=stdin_stream)  # every validation error before any store
+    deps = current_deps()
+    refs = [file.ref for file in body.files]
+    resolved = await resolve_session(
+        deps.catalog, principal.storage_prefix, user_id=body.user_id, session_id=body.session_id,
+        hint=body.runtime_session_hint, file_session_ids=[ref.session_id for ref in refs], entity_id=body.entity_id,
+    )  # fmt: skip
+    workspace = await plan_workspace(deps.catalog, resolved.session, refs, file_limits(deps.settings))
+    context = RunContext(job.language.code, None, resolved, workspace, principal.id)
+    work: Work
+    if job.language.code == "py" and deps.python is not None:
+        context = replace(context, python=PythonOutcome())
+        assert context.python is not None
+        work = deps.python.work(job, resolved.session, resolved.status == "reused", workspace, context.python)
+    else:
+        work = partial(deps.executor.runner.steps, replace(job, files=workspace))
+    return deps.executor.submit(work, on_output), context  # 503 here, before any byte of a reply
+
+
+def log_run(result: RunResult, context: RunContext) -> None:
     log.info(
         "run finished",
         extra={"fields": {"language": context.language, "status": result.status, "exit_code": result.exit_code,

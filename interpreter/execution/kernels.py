@@ -149,15 +149,15 @@ class Kernel:
     # --- requests ----------------------------------------------------------------------------------------
 
     async def run(self, code: str, args: tuple[str, ...], stdin: bytes | None, timeout_s: float,
-                  on_output: OnOutput | None) -> RunResult:  # fmt: skip
+                  on_output: OnOutput | None,
+                  stdin_stream: trio.MemoryReceiveChannel[bytes | None] | None = None) -> RunResult:  # fmt: skip
         """One cell. Output is capped per stream as it arrives; over the cap or the deadline, the cell is
         interrupted, and the kernel is killed if it does not stop (``KernelDied``, with what it printed)."""
         marker = secrets.token_hex(16)
         self.last_used = time.monotonic()
-        # The whole stdin rides with the run (streaming will send STDIN frames instead).
-        await self.send(
-            protocol.RUN, {"code": code, "args": list(args), "marker": marker, "stdin_eof": True}, stdin or b""
-        )
+        # The stdin given up front rides with the run; what streams in follows as STDIN frames.
+        header = {"code": code, "args": list(args), "marker": marker, "stdin_eof": stdin_stream is None}
+        await self.send(protocol.RUN, header, stdin or b"")
         streams = {name: _Marker(marker.encode()) for name in ("stdout", "stderr")}
         captured = {name: bytearray() for name in streams}
         started = time.monotonic()
@@ -181,35 +181,39 @@ class Kernel:
                 deadline = trio.current_time() + INTERRUPT_GRACE_S
 
         try:
-            while True:
-                with trio.move_on_at(deadline):
-                    try:
-                        event, first, second = await self.events.receive()
-                    except trio.EndOfChannel:  # the jail is gone and its pipes were read to the end
-                        dead = dead or "the kernel ended"
-                        break
-                    if event == "out":
-                        await keep(first, streams[first].feed(second))
-                    elif event == "closed":
-                        closed.add(first)
-                    elif event == "dead":
-                        dead, deadline = first, trio.current_time() + INTERRUPT_GRACE_S  # the pipes' last bytes
-                    elif event == "frame" and first[0] == protocol.RESULT:
-                        result, deadline = first[1], trio.current_time() + MARKER_WAIT_S
-                    if (result is not None and all(s.found for s in streams.values())) or len(closed) == 2:
-                        break
-                    continue
-                if result is not None or dead is not None:
-                    break  # the markers (or the pipes' ends) did not come in time: what arrived is all
-                if interrupted is not None:  # interrupted, and still going: it goes
-                    await self.kill()
-                    dead, deadline = f"the run ignored its {interrupted}", trio.current_time() + INTERRUPT_GRACE_S
-                    continue
-                interrupted = "timeout"
-                await self._interrupt()
-                deadline = trio.current_time() + INTERRUPT_GRACE_S
-        except KernelDied as exc:  # the kernel stopped reading: it is gone
-            dead = str(exc)
+            async with trio.open_nursery() as feeder:
+                if stdin_stream is not None:
+                    feeder.start_soon(self._forward_stdin, stdin_stream)
+                while True:
+                    with trio.move_on_at(deadline):
+                        try:
+                            event, first, second = await self.events.receive()
+                        except trio.EndOfChannel:  # the jail is gone and its pipes were read to the end
+                            dead = dead or "the kernel ended"
+                            break
+                        if event == "out":
+                            await keep(first, streams[first].feed(second))
+                        elif event == "closed":
+                            closed.add(first)
+                        elif event == "dead":
+                            dead, deadline = first, trio.current_time() + INTERRUPT_GRACE_S  # the pipes' last bytes
+                        elif event == "frame" and first[0] == protocol.RESULT:
+                            result, deadline = first[1], trio.current_time() + MARKER_WAIT_S
+                        if (result is not None and all(s.found for s in streams.values())) or len(closed) == 2:
+                            break
+                        continue
+                    if result is not None or dead is not None:
+                        break  # the markers (or the pipes' ends) did not come in time: what arrived is all
+                    if interrupted is not None:  # interrupted, and still going: it goes
+                        await self.kill()
+                        dead, deadline = f"the run ignored its {interrupted}", trio.current_time() + INTERRUPT_GRACE_S
+                        continue
+                    interrupted = "timeout"
+                    await self._interrupt()
+                    deadline = trio.current_time() + INTERRUPT_GRACE_S
+                feeder.cancel_scope.cancel()
+        except* KernelDied as group:  # the kernel stopped reading: it is gone
+            dead = str(group.exceptions[0])
         finally:
             self.last_used = time.monotonic()
         for name, scanner in streams.items():
@@ -233,6 +237,16 @@ class Kernel:
             status=status, exit_code=exit_code, stdout=bytes(captured["stdout"]), stderr=bytes(captured["stderr"]),
             truncated=interrupted == "output_limit", duration_ms=int((time.monotonic() - started) * 1000), notes=notes,
         )  # fmt: skip
+
+    async def _forward_stdin(self, chunks: trio.MemoryReceiveChannel[bytes | None]) -> None:
+        """Stdin that streams in during the run, as STDIN frames; None is its end. A kernel that stopped
+        reading is the run loop's to notice."""
+        with contextlib.suppress(KernelDied):
+            async for chunk in chunks:
+                if chunk is None:
+                    await self.send(protocol.STDIN_EOF)
+                    return
+                await self.send(protocol.STDIN, None, chunk)
 
     async def _interrupt(self) -> None:
         with contextlib.suppress(KernelDied):

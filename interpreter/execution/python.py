@@ -65,7 +65,7 @@ class PythonRuns:
                     self.pool.keep(key, kernel)
                     raise
                 try:
-                    result = await kernel.run(job.code, job.args, job.stdin, job.timeout_s, on_output)
+                    result = await kernel.run(job.code, job.args, job.stdin, job.timeout_s, on_output, job.stdin_stream)
                     await workspace.collect(kernel.run_dir, NO_SOURCE)
                     kernel.present = workspace.present
                 except KernelDied as died:

@@ -60,6 +60,8 @@ class Job:
     stdin: bytes | None = None
     timeout_s: int = 30
     files: RunFiles | None = None
+    # More stdin while it runs (streaming clients), after ``stdin``; None in the channel means EOF.
+    stdin_stream: trio.MemoryReceiveChannel[bytes | None] | None = None
 
 
 @dataclass
@@ -193,7 +195,7 @@ class Runner:
                 assert proc.stdout is not None
                 assert proc.stderr is not None
                 assert proc.stdin is not None
-                nursery.start_soon(_feed_stdin, proc.stdin, job.stdin)
+                nursery.start_soon(_feed_stdin, proc.stdin, job.stdin, job.stdin_stream)
 
                 async def stop_on_flood() -> None:
                     nonlocal flooded
@@ -269,12 +271,19 @@ async def _read_all(stream: trio.lowlevel.FdStream, into: bytearray) -> None:
                 into += chunk
 
 
-async def _feed_stdin(stream: trio.abc.SendStream, data: bytes | None) -> None:
-    """Feed the user's stdin, then EOF. A program that exits without reading it is not an error."""
+async def _feed_stdin(
+    stream: trio.abc.SendStream, data: bytes | None, more: trio.MemoryReceiveChannel[bytes | None] | None
+) -> None:
+    """Feed the user's stdin (then what streams in), then EOF. A program that exits without reading it is fine."""
     try:
         async with stream:
             if data:
                 await stream.send_all(data)
+            if more is not None:
+                async for chunk in more:
+                    if chunk is None:
+                        break
+                    await stream.send_all(chunk)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
 
