@@ -22,6 +22,7 @@ from quart import Blueprint
 
 from interpreter import __version__
 from interpreter.api.app import AppDeps, create_app
+from interpreter.auth.jwt import refresh_forever, verifier_from_settings
 from interpreter.auth.keys import KeyAuthenticator
 from interpreter.errors import SettingsError
 from interpreter.execution.kernel_pool import KernelPool
@@ -205,7 +206,11 @@ async def serve(
     board = ServiceBoard()
     health = HealthRegistry()
     register_base_checks(health, settings, board, warnings)
-    authenticator = KeyAuthenticator(settings.all_api_keys, settings.master_api_key, settings.auth_enabled)
+    jwt = verifier_from_settings(
+        settings.codeapi_jwt_enabled, settings.codeapi_jwt_public_key, settings.codeapi_jwt_jwks_file,
+        settings.codeapi_jwt_jwks_url, settings.codeapi_jwt_issuer, settings.codeapi_jwt_audience,
+    )  # fmt: skip
+    authenticator = KeyAuthenticator(settings.all_api_keys, settings.master_api_key, settings.auth_enabled, jwt)
 
     shutting_down = trio.Event()
 
@@ -248,6 +253,9 @@ async def _serve_with(
         reaper_service = partial(reaper.run, execution.reaper, execution.runner.is_active)
         await services.start(partial(supervise, reaper_service, name="reaper", board=board))
         await services.start(partial(supervise, execution.executor.run, name="executor", board=board))
+        if deps.authenticator.jwt is not None and deps.authenticator.jwt.jwks_url is not None:
+            jwks = partial(refresh_forever, deps.authenticator.jwt)
+            await services.start(partial(supervise, jwks, name="jwks_refresh", board=board))
         settings = deps.settings
         cleanup = partial(session_cleanup.run, deps.catalog, settings.session_cleanup_interval_min * 60,
                           settings.enable_orphan_s3_cleanup, (StoreError,))  # fmt: skip

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from interpreter.auth.jwt import JwtVerifier
 from interpreter.auth.principals import ANONYMOUS, MASTER, Principal, env_principal
 from interpreter.errors import AuthenticationFailed, Forbidden
 
@@ -75,10 +76,16 @@ class KeyAuthenticator:
     env_keys: tuple[str, ...]
     master_key: str | None
     auth_enabled: bool = True
+    jwt: JwtVerifier | None = None  # CODEAPI_JWT_ENABLED: Bearer tokens beside keys
 
     def user(self, headers: Headers) -> Principal:
         if not self.auth_enabled:
             return ANONYMOUS
+        authorization = headers.get("authorization")
+        if self.jwt is not None and authorization and headers.get("x-api-key") is None:
+            scheme, _, token = authorization.strip().partition(" ")
+            if scheme.lower() == "bearer":
+                return self.jwt.principal(token.strip())
         key = extract_key(headers)
         if key is None:
             raise AuthenticationFailed("API key is required")
