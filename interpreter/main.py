@@ -22,6 +22,7 @@ from quart import Blueprint
 
 from interpreter import __version__
 from interpreter.api.app import AppDeps, create_app
+from interpreter.auth.failures import FailureLimiter, parse_networks
 from interpreter.auth.jwt import refresh_forever, verifier_from_settings
 from interpreter.auth.keys import KeyAuthenticator
 from interpreter.errors import SettingsError
@@ -235,6 +236,13 @@ async def serve(
                 catalog=Catalog(stores.kv, stores.blobs, ttl_s=settings.session_ttl_h * 3600),
                 python=python_runs(settings, execution, stores),
                 shutdown=shutting_down,
+                failures=FailureLimiter(
+                    stores.kv,
+                    limit=settings.auth_failure_limit,
+                    window_s=settings.auth_failure_window_s,
+                    block_s=settings.auth_failure_block_s,
+                ),
+                trusted_proxies=parse_networks(settings.trusted_proxies),
             )
             if execution.kernels is not None:
                 health.register("kernels", partial(kernels_check, execution.kernels), required=False)

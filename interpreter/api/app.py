@@ -15,6 +15,7 @@ from werkzeug.exceptions import HTTPException
 from interpreter.api import asgi
 from interpreter.api.backpressure import BoundedHTTPConnection, BoundedRequest
 from interpreter.api.envelope import envelope
+from interpreter.auth.failures import FailureLimiter, Network, client_address
 from interpreter.auth.keys import KeyAuthenticator
 from interpreter.auth.principals import Principal
 from interpreter.errors import InterpreterError, StoreUnavailable, UnsupportedMediaType
@@ -53,6 +54,8 @@ class AppDeps:
     catalog: Catalog
     python: PythonRuns | None = None
     shutdown: trio.Event = field(default_factory=trio.Event)  # set when the server starts to stop
+    failures: FailureLimiter | None = None
+    trusted_proxies: tuple[Network, ...] = ()
 
 
 def current_deps() -> AppDeps:
@@ -65,8 +68,20 @@ def current_principal() -> Principal:
     return principal
 
 
-def _client_ip() -> str:
-    return request.remote_addr or "?"
+def client_ip(deps: AppDeps, connection: Any = None) -> str:
+    """The client's address (X-Forwarded-For believed only from TRUSTED_PROXIES)."""
+    connection = connection if connection is not None else request
+    return client_address(connection.remote_addr, connection.headers.get("x-forwarded-for"), deps.trusted_proxies)
+
+
+async def auth_failed(deps: AppDeps, client: str, path: str, exc: InterpreterError) -> None:
+    """A security event (who and where, never the key), counted by the failure limiter."""
+    security_log.warning(
+        "authentication failed",
+        extra={"fields": {"client": client, "path": path, "reason": str(exc), "status": exc.status}},
+    )
+    if deps.failures is not None and exc.status == 401:
+        await deps.failures.failed(client)
 
 
 def create_app(deps: AppDeps, *, blueprints: Iterable[Blueprint] = ()) -> asgi.ASGIApp:
@@ -101,19 +116,19 @@ def create_app(deps: AppDeps, *, blueprints: Iterable[Blueprint] = ()) -> asgi.A
     @app.before_request
     async def authenticate() -> None:
         path = request.path
+        if path in PUBLIC_PATHS or request.method == "OPTIONS":
+            g.principal = None
+            return
+        client = client_ip(deps)
+        if deps.failures is not None:
+            await deps.failures.check(client)
         try:
             if path.startswith(ADMIN_PREFIX):
                 g.principal = deps.authenticator.admin(request.headers)
-            elif path in PUBLIC_PATHS or request.method == "OPTIONS":
-                g.principal = None
             else:
                 g.principal = deps.authenticator.user(request.headers)
         except InterpreterError as exc:
-            # A security event: who and where, never the key.
-            security_log.warning(
-                "authentication failed",
-                extra={"fields": {"client": _client_ip(), "path": path, "reason": str(exc), "status": exc.status}},
-            )
+            await auth_failed(deps, client, path, exc)
             raise
 
     @app.errorhandler(InterpreterError)

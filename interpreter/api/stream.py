@@ -26,7 +26,7 @@ import trio
 from pydantic import ValidationError
 from quart import Blueprint, Response, websocket
 
-from interpreter.api.app import current_deps, current_principal, security_log
+from interpreter.api.app import auth_failed, client_ip, current_deps, current_principal
 from interpreter.api.bodies import json_body, validation_details
 from interpreter.api.envelope import envelope
 from interpreter.api.execute import ExecRequest, RunContext, log_run, render, start_run
@@ -165,14 +165,17 @@ class _HeaderView:
 
 @blueprint.websocket("/ws/exec")
 async def ws_exec() -> Response | None:
+    deps = current_deps()
+    client = client_ip(deps, websocket)
     try:
-        principal = _websocket_principal()
+        if deps.failures is not None:
+            await deps.failures.check(client)
+        try:
+            principal = _websocket_principal()
+        except InterpreterError as exc:
+            await auth_failed(deps, client, websocket.path, exc)
+            raise
     except InterpreterError as exc:  # refused at the handshake, before anything is accepted
-        security_log.warning(
-            "authentication failed",
-            extra={"fields": {"client": websocket.remote_addr, "path": websocket.path, "reason": str(exc),
-                              "status": exc.status}},
-        )  # fmt: skip
         body = envelope(exc.status, str(exc), request_id=None, error_type=exc.error_type)
         return Response(json.dumps(body), status=exc.status, content_type="application/json", headers=exc.headers)
     subprotocol = SUBPROTOCOL if SUBPROTOCOL in websocket.requested_subprotocols else None

@@ -69,6 +69,16 @@ async def receive(ws: WebSocketConnection) -> dict[str, Any]:
     return message
 
 
+async def output_until(ws: WebSocketConnection, text: str) -> str:
+    """Stdout events joined until ``text`` is in them (a line may come in more than one event)."""
+    seen = ""
+    while text not in seen:
+        event = await receive(ws)
+        assert event["type"] == "stdout", event
+        seen += event["data"]
+    return seen
+
+
 async def read_until_closed(ws: WebSocketConnection) -> list[dict[str, Any]]:
     events = []
     with contextlib.suppress(ConnectionClosed):
@@ -141,7 +151,7 @@ async def test_stdin_eof_ends_the_programs_input(streaming: ServerProcess) -> No
     async with open_websocket_url(ws_url(streaming, streaming.key)) as ws:
         await ws.send_message(json.dumps({"lang": "bash", "code": "echo ready; wc -l"}))
         assert (await receive(ws))["type"] == "started"
-        assert (await receive(ws))["data"] == "ready\n"
+        assert await output_until(ws, "ready\n") == "ready\n"
         for line in ("a\n", "b\n"):
             await ws.send_message(json.dumps({"type": "stdin", "data": line}))
         await ws.send_message(json.dumps({"type": "stdin_eof"}))
@@ -158,7 +168,7 @@ async def test_cancel_and_disconnect_stop_the_run_and_free_its_jail(streaming: S
         async with open_websocket_url(ws_url(streaming, streaming.key)) as ws:
             await ws.send_message(json.dumps({"lang": lang, "code": code}))
             assert (await receive(ws))["type"] == "started"
-            assert (await receive(ws))["data"] == "started\n"
+            assert await output_until(ws, "started\n") == "started\n"
             if ending == "cancel":
                 await ws.send_message(json.dumps({"type": "cancel"}))
                 event = await receive(ws)
@@ -267,7 +277,7 @@ def test_a_server_shutdown_stops_the_run_and_closes_with_1001(work_dir: Path) ->
         async with open_websocket_url(ws_url(server, server.key)) as ws:
             await ws.send_message(json.dumps({"lang": "bash", "code": "echo up; sleep 60"}))
             assert (await receive(ws))["type"] == "started"
-            assert (await receive(ws))["data"] == "up\n"
+            assert await output_until(ws, "up\n") == "up\n"
             assert server.proc is not None
             server.proc.send_signal(signal.SIGTERM)
             await read_until_closed(ws)
