@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,6 +28,8 @@ from aiobotocore.session import get_session
 from interpreter.settings import load_settings
 from interpreter.stores.blobs_s3 import S3Blobs, S3Config, open_s3_blobs
 from interpreter.stores.kv_redis import RedisConfig, RedisKV, open_redis_kv
+from interpreter.stores.kv_sqlite import open_sqlite_kv
+from interpreter.stores.protocols import KV
 from tests.conftest import free_port, open_dir
 
 REDIS_SERVER = "/usr/bin/redis-server"
@@ -153,6 +156,19 @@ def s3_endpoint() -> Iterator[str]:
         yield f"127.0.0.1:{server.port}"
     finally:
         server.close()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def kv(request: pytest.FixtureRequest, work_dir: Path) -> AsyncIterator[KV]:
+    """Each KV adapter in turn: SQLite in the test's directory, Redis in a key namespace of its own."""
+    if request.param == "sqlite":
+        async with open_sqlite_kv(work_dir / "kv.sqlite3") as store:
+            yield store
+        return
+    settings = load_settings({"REDIS_URL": request.getfixturevalue("redis_url")}, env_file=None)
+    config = replace(RedisConfig.from_settings(settings), namespace=f"kv-{secrets.token_hex(6)}:")
+    async with trio_asyncio.open_loop(), open_redis_kv(config) as redis:
+        yield redis
 
 
 @pytest.fixture

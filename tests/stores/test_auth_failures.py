@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
-import trio_asyncio
 
 from interpreter.auth.failures import FailureLimiter, client_address, parse_networks
 from interpreter.errors import RateLimited
-from interpreter.settings import load_settings
-from interpreter.stores.kv_sqlite import open_sqlite_kv
 from interpreter.stores.protocols import KV
 from tests.conftest import ServerProcess
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def kv(request: pytest.FixtureRequest, work_dir: Path) -> AsyncIterator[KV]:
-    if request.param == "sqlite":
-        async with open_sqlite_kv(work_dir / "kv.sqlite3") as store:
-            yield store
-        return
-    from interpreter.stores.kv_redis import RedisConfig, open_redis_kv
-
-    settings = load_settings({"REDIS_URL": request.getfixturevalue("redis_url")}, env_file=None)
-    config = replace(RedisConfig.from_settings(settings), namespace=f"failures-{secrets.token_hex(6)}:")
-    async with trio_asyncio.open_loop(), open_redis_kv(config) as store:
-        yield store
 
 
 async def test_the_limit_blocks_the_address_on_every_node(kv: KV, caplog: pytest.LogCaptureFixture) -> None:

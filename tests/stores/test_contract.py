@@ -16,24 +16,9 @@ import trio_asyncio
 
 from interpreter.settings import load_settings
 from interpreter.stores.blobs_dir import open_dir_blobs
-from interpreter.stores.kv_sqlite import open_sqlite_kv
 from interpreter.stores.protocols import KV, BlobNotFound, Blobs, BlobTooLarge, StoreError
 
 TTL_S = 0.3
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def kv(request: pytest.FixtureRequest, work_dir: Path) -> AsyncIterator[KV]:
-    if request.param == "sqlite":
-        async with open_sqlite_kv(work_dir / "kv.sqlite3") as store:
-            yield store
-        return
-    from interpreter.stores.kv_redis import RedisConfig, open_redis_kv
-
-    url = request.getfixturevalue("redis_url")
-    config = RedisConfig.from_settings(load_settings({"REDIS_URL": url}, env_file=None))
-    async with trio_asyncio.open_loop(), open_redis_kv(config) as store:
-        yield store
 
 
 @pytest.fixture(params=["dir", "s3"])
