@@ -103,13 +103,19 @@ class RateLimited(InterpreterError):
     error_type = "rate_limited"
     message = "Rate limit exceeded"
 
-    def __init__(self, message: str | None = None, *, retry_after_s: int) -> None:
+    def __init__(self, message: str | None = None, *, retry_after_s: int, limit: int | None = None,
+                 reset_s: int | None = None) -> None:  # fmt: skip
         super().__init__(message)
         self.retry_after_s = max(1, retry_after_s)
+        self.limit, self.reset_s = limit, reset_s
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
+        headers = {"Retry-After": str(self.retry_after_s)}
+        if self.limit is not None:  # a key's rate limit (not the auth-failure limiter)
+            headers |= {"X-RateLimit-Limit": str(self.limit), "X-RateLimit-Remaining": "0",
+                        "X-RateLimit-Reset": str(self.reset_s or self.retry_after_s)}  # fmt: skip
+        return headers
 
 
 class ServiceUnavailable(InterpreterError):

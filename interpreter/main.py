@@ -25,6 +25,7 @@ from interpreter.api.app import AppDeps, create_app
 from interpreter.auth.failures import FailureLimiter, parse_networks
 from interpreter.auth.jwt import refresh_forever, verifier_from_settings
 from interpreter.auth.keys import KeyAuthenticator
+from interpreter.auth.managed import ManagedKeys
 from interpreter.errors import SettingsError
 from interpreter.execution.kernel_pool import KernelPool
 from interpreter.execution.python import PythonRuns
@@ -243,6 +244,7 @@ async def serve(
                     block_s=settings.auth_failure_block_s,
                 ),
                 trusted_proxies=parse_networks(settings.trusted_proxies),
+                keys=ManagedKeys(stores.kv, rate_limits_enabled=settings.rate_limit_enabled),
             )
             if execution.kernels is not None:
                 health.register("kernels", partial(kernels_check, execution.kernels), required=False)

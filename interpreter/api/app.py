@@ -16,9 +16,10 @@ from interpreter.api import asgi
 from interpreter.api.backpressure import BoundedHTTPConnection, BoundedRequest
 from interpreter.api.envelope import envelope
 from interpreter.auth.failures import FailureLimiter, Network, client_address
-from interpreter.auth.keys import KeyAuthenticator
+from interpreter.auth.keys import KeyAuthenticator, UnknownKey
+from interpreter.auth.managed import ManagedKeys, RateState
 from interpreter.auth.principals import Principal
-from interpreter.errors import InterpreterError, StoreUnavailable, UnsupportedMediaType
+from interpreter.errors import InterpreterError, RateLimited, StoreUnavailable, UnsupportedMediaType
 from interpreter.execution.executor import Executor
 from interpreter.execution.python import PythonRuns
 from interpreter.files.catalog import Catalog
@@ -55,6 +56,7 @@ class AppDeps:
     python: PythonRuns | None = None
     shutdown: trio.Event = field(default_factory=trio.Event)  # set when the server starts to stop
     failures: FailureLimiter | None = None
+    keys: ManagedKeys | None = None
     trusted_proxies: tuple[Network, ...] = ()
 
 
@@ -74,6 +76,17 @@ def client_ip(deps: AppDeps, connection: Any = None) -> str:
     return client_address(connection.remote_addr, connection.headers.get("x-forwarded-for"), deps.trusted_proxies)
 
 
+async def user_principal(deps: AppDeps, headers: Any) -> Principal:
+    """An environment key, a JWT, or a managed key (whose rate-limit state goes to ``g.rate``)."""
+    try:
+        return deps.authenticator.user(headers)
+    except UnknownKey as unknown:
+        if deps.keys is None:
+            raise
+        principal, g.rate = await deps.keys.principal(unknown.key)
+        return principal
+
+
 async def auth_failed(deps: AppDeps, client: str, path: str, exc: InterpreterError) -> None:
     """A security event (who and where, never the key), counted by the failure limiter."""
     security_log.warning(
@@ -90,7 +103,7 @@ def create_app(deps: AppDeps, *, blueprints: Iterable[Blueprint] = ()) -> asgi.A
     ``blueprints`` are extra routers mounted beside the built-in ones (tests mount routes there).
     """
     settings = deps.settings
-    from interpreter.api import execute, files, health, openapi, stream, upload  # they import this module
+    from interpreter.api import admin, execute, files, health, openapi, stream, upload  # they import this module
 
     app = QuartTrio("interpreter")
     app.request_class = BoundedRequest
@@ -122,14 +135,26 @@ def create_app(deps: AppDeps, *, blueprints: Iterable[Blueprint] = ()) -> asgi.A
         client = client_ip(deps)
         if deps.failures is not None:
             await deps.failures.check(client)
+        g.rate = None
         try:
             if path.startswith(ADMIN_PREFIX):
                 g.principal = deps.authenticator.admin(request.headers)
             else:
-                g.principal = deps.authenticator.user(request.headers)
+                g.principal = await user_principal(deps, request.headers)
+        except RateLimited:
+            raise  # a known key over its limit: not an authentication failure
         except InterpreterError as exc:
             await auth_failed(deps, client, path, exc)
             raise
+
+    @app.after_request
+    async def rate_limit_headers(response: Response) -> Response:
+        rate: RateState | None = g.get("rate")
+        if rate is not None:
+            response.headers["X-RateLimit-Limit"] = str(rate.limit)
+            response.headers["X-RateLimit-Remaining"] = str(max(0, rate.remaining))
+            response.headers["X-RateLimit-Reset"] = str(rate.reset_s)
+        return response
 
     @app.errorhandler(InterpreterError)
     async def interpreter_error(exc: InterpreterError) -> Response:
@@ -168,6 +193,7 @@ def create_app(deps: AppDeps, *, blueprints: Iterable[Blueprint] = ()) -> asgi.A
 
     app.register_blueprint(health.blueprint)
     app.register_blueprint(execute.blueprint)
+    app.register_blueprint(admin.blueprint)
     app.register_blueprint(stream.blueprint)
     app.register_blueprint(upload.blueprint)
     app.register_blueprint(files.blueprint)

@@ -25,6 +25,14 @@ class Headers(Protocol):
     def get(self, key: str, /) -> str | None: ...
 
 
+class UnknownKey(AuthenticationFailed):
+    """Not an environment key: a managed key, or nothing (the caller asks the managed keys)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__("Invalid API key")
+        self.key = key
+
+
 class MalformedCredentials(AuthenticationFailed):
     message = "Malformed Authorization header"
 
@@ -91,7 +99,7 @@ class KeyAuthenticator:
             raise AuthenticationFailed("API key is required")
         matched = _matches(key, self.env_keys)
         if matched is None:
-            raise AuthenticationFailed("Invalid API key")
+            raise UnknownKey(key)
         return env_principal(matched)
 
     def admin(self, headers: Headers) -> Principal:
