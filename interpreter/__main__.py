@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from interpreter import __version__
+from interpreter import __version__, keys_cli
 from interpreter.errors import SettingsError
 from interpreter.settings import Settings, load_settings
 from interpreter.stores.protocols import StoreError
@@ -82,11 +82,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", help="run the API server (settings from the environment and ./.env)")
     commands.add_parser("doctor", help="check that this machine can run sandboxes, and explain what is missing")
+    keys_cli.add_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve()
     if args.command == "doctor":
         return _doctor()
+    if args.command == "keys":
+        return keys_cli.run(_settings_or_exit(), args)
     parser.print_help()
     return EXIT_CONFIG
 

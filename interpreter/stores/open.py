@@ -45,7 +45,7 @@ async def open_stores(settings: Settings) -> AsyncIterator[Stores]:
     if (settings.kv_backend == "redis") != (settings.blob_backend == "s3"):
         log.warning("a mixed store pair (one embedded, one distributed) works on a single node only")
     try:
-        async with _open_kv(settings) as kv, _open_blobs(settings) as blobs:
+        async with open_kv(settings) as kv, _open_blobs(settings) as blobs:
             log.info("stores open", extra={"fields": {"kv": kv.backend, "blobs": blobs.backend}})
             yield Stores(kv, blobs)
     finally:
@@ -54,7 +54,9 @@ async def open_stores(settings: Settings) -> AsyncIterator[Stores]:
 
 
 @asynccontextmanager
-async def _open_kv(settings: Settings) -> AsyncIterator[KV]:
+async def open_kv(settings: Settings) -> AsyncIterator[KV]:
+    """The configured KV store alone, without the DATA_DIR lock (SQLite serialises writers itself): for
+    tools that work beside a running server, like ``interpreter keys``."""
     if settings.kv_backend == "redis":
         from interpreter.stores.kv_redis import RedisConfig, open_redis_kv
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -108,3 +109,39 @@ def test_server_logs_to_a_file_without_keys_or_query_strings(work_dir: Path) -> 
     assert started["settings"]["API_KEY"] == "***"
     assert started["kv"] == "sqlite"
     assert started["blobs"] == "dir"
+
+
+def test_keys_cli_manages_keys_beside_a_running_server(work_dir: Path) -> None:
+    server = ServerProcess(work_dir)
+    env = cli_env(DATA_DIR=str(work_dir / "data"), SANDBOX_BASE_DIR=str(work_dir / "cli-sandboxes"))
+
+    def keys(*args: str) -> object:
+        result = subprocess.run([*INTERPRETER, "keys", *args], capture_output=True, text=True, timeout=60, env=env,
+                                check=False)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    server.start()
+    try:
+        created = keys("create", "ops", "--per-minute", "2")
+        assert isinstance(created, dict)
+        key, key_hash = created["api_key"], created["record"]["key_hash"]
+        assert created["record"]["rate_limits"]["per_minute"] == 2
+        statuses = [httpx.get(f"{server.url}/files/x", headers={"x-api-key": key}, timeout=10).status_code
+                    for _ in range(3)]  # fmt: skip
+        assert statuses == [200, 200, 429]  # the running server honours a key the CLI created
+        listed = keys("list")
+        assert isinstance(listed, list)
+        assert [(k["name"], k["usage_count"]) for k in listed] == [("ops", 2)]
+        assert key not in json.dumps(listed)
+        assert keys("set-limits", key_hash)["rate_limits"]["per_minute"] is None  # type: ignore[index]
+        keys("revoke", key_hash)
+        assert keys("list") == []
+        missing = subprocess.run([*INTERPRETER, "keys", "revoke", key_hash], capture_output=True, text=True,
+                                 timeout=60, env=env, check=False)  # fmt: skip
+        assert missing.returncode == 1
+        bad = subprocess.run([*INTERPRETER, "keys", "create", "x", "--hourly", "0"], capture_output=True, text=True,
+                             timeout=60, env=env, check=False)  # fmt: skip
+        assert bad.returncode == 2
+    finally:
+        server.stop()
