@@ -33,6 +33,7 @@ from interpreter.execution.setup import Execution, open_execution, sandbox_check
 from interpreter.execution.state import StateStore
 from interpreter.files.catalog import Catalog
 from interpreter.health import CheckResult, HealthRegistry
+from interpreter.metrics import Gauge
 from interpreter.settings import DEFAULT_API_KEY, LOOPBACK_HOSTS, Settings
 from interpreter.stores.open import Stores, open_stores, register_store_checks
 from interpreter.stores.protocols import StoreError
@@ -160,6 +161,25 @@ def python_runs(settings: Settings, execution: Execution, stores: Stores) -> Pyt
     )  # fmt: skip
 
 
+def gauges(execution: Execution) -> list[Gauge]:
+    """What /metrics reads at each scrape: runs executing and queued, kernels ready and live."""
+    executor = execution.executor
+    found = [
+        Gauge("interpreter_runs_running", "Runs executing now", lambda: {(): executor.statistics()["running"]}),
+        Gauge("interpreter_runs_queued", "Runs waiting for a slot", lambda: {(): executor.statistics()["waiting"]}),
+    ]
+    if execution.kernels is not None:
+        pool = execution.kernels
+
+        def kernels() -> dict[tuple[tuple[str, str], ...], float]:
+            stats = pool.statistics()
+            return {(("state", "ready"),): float(stats["ready"]),  # type: ignore[arg-type]
+                    (("state", "live"),): float(stats["live"])}  # type: ignore[arg-type]  # fmt: skip
+
+        found.append(Gauge("interpreter_kernels", "Python kernels by state", kernels))
+    return found
+
+
 async def kernels_check(pool: KernelPool) -> CheckResult:
     stats = pool.statistics()
     if stats["start_failures"] and not stats["ready"] and not stats["live"]:
@@ -248,6 +268,7 @@ async def serve(
             )
             if execution.kernels is not None:
                 health.register("kernels", partial(kernels_check, execution.kernels), required=False)
+            deps.metrics.gauges.extend(gauges(execution))
             await _serve_with(deps, execution, board, notifier, hyper, stop_when_triggered, blueprints, task_status)
     log.info("stopped")
 

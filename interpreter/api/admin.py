@@ -7,6 +7,7 @@ here (403); they are unlimited.
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -82,6 +83,28 @@ async def _managed(key_hash: str) -> KeyRecord:
     if record is None:
         raise NotFound("Key not found")
     return record
+
+
+@blueprint.get("/stats")
+@documented("Run statistics since start, the pool, and health (the reference's shape)", tag="admin")
+async def stats() -> dict[str, Any]:
+    from interpreter.api.metrics import reference_json  # a sibling blueprint's view of the same counters
+
+    deps = current_deps()
+    figures = reference_json()
+    report = await deps.health.report()
+    kernels = deps.python.pool.statistics() if deps.python is not None else {}
+    return {
+        "summary": figures["execution_statistics"],
+        "by_language": figures["execution_statistics"]["by_language"],
+        "pool_stats": {key: value for key, value in kernels.items() if key != "run_ids"},
+        "health": {
+            "status": report["status"],
+            "services": {name: r["status"] for name, r in report["services"].items()},
+        },
+        "period_hours": round(figures["system_metrics"]["uptime_seconds"] / 3600, 3),
+        "timestamp": datetime.now(UTC).isoformat(),
+    }
 
 
 @blueprint.patch("/keys/<key_hash>")

@@ -24,6 +24,7 @@ from interpreter.execution.executor import Executor
 from interpreter.execution.python import PythonRuns
 from interpreter.files.catalog import Catalog
 from interpreter.health import HealthRegistry
+from interpreter.metrics import Metrics
 from interpreter.settings import Settings
 from interpreter.stores.open import Stores
 from interpreter.stores.protocols import StoreError
@@ -57,6 +58,7 @@ class AppDeps:
     shutdown: trio.Event = field(default_factory=trio.Event)  # set when the server starts to stop
     failures: FailureLimiter | None = None
     keys: ManagedKeys | None = None
+    metrics: Metrics = field(default_factory=Metrics)
     trusted_proxies: tuple[Network, ...] = ()
 
 
@@ -93,6 +95,7 @@ async def auth_failed(deps: AppDeps, client: str, path: str, exc: InterpreterErr
         "authentication failed",
         extra={"fields": {"client": client, "path": path, "reason": str(exc), "status": exc.status}},
     )
+    deps.metrics.auth_failures.inc()
     if deps.failures is not None and exc.status == 401:
         await deps.failures.failed(client)
 
@@ -103,7 +106,7 @@ def create_app(deps: AppDeps, *, blueprints: Iterable[Blueprint] = ()) -> asgi.A
     ``blueprints`` are extra routers mounted beside the built-in ones (tests mount routes there).
     """
     settings = deps.settings
-    from interpreter.api import admin, execute, files, health, openapi, stream, upload  # they import this module
+    from interpreter.api import admin, execute, files, health, metrics, openapi, stream, upload  # import this module
 
     app = QuartTrio("interpreter")
     app.request_class = BoundedRequest
@@ -129,7 +132,8 @@ def create_app(deps: AppDeps, *, blueprints: Iterable[Blueprint] = ()) -> asgi.A
     @app.before_request
     async def authenticate() -> None:
         path = request.path
-        if path in PUBLIC_PATHS or request.method == "OPTIONS":
+        public_metrics = path == "/metrics" and not settings.metrics_auth_enabled
+        if path in PUBLIC_PATHS or request.method == "OPTIONS" or public_metrics:
             g.principal = None
             return
         client = client_ip(deps)
@@ -148,6 +152,12 @@ def create_app(deps: AppDeps, *, blueprints: Iterable[Blueprint] = ()) -> asgi.A
             raise
 
     @app.after_request
+    async def count_request(response: Response) -> Response:
+        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        deps.metrics.requests.inc(route=rule, status=str(response.status_code))
+        return response
+
+    @app.after_request
     async def rate_limit_headers(response: Response) -> Response:
         rate: RateState | None = g.get("rate")
         if rate is not None:
@@ -158,6 +168,8 @@ def create_app(deps: AppDeps, *, blueprints: Iterable[Blueprint] = ()) -> asgi.A
 
     @app.errorhandler(InterpreterError)
     async def interpreter_error(exc: InterpreterError) -> Response:
+        if isinstance(exc, RateLimited):
+            deps.metrics.rate_limited.inc(reason="key_limit" if exc.limit is not None else "auth_failures")
         return _envelope_response(
             exc.status,
             str(exc),
@@ -170,6 +182,7 @@ def create_app(deps: AppDeps, *, blueprints: Iterable[Blueprint] = ()) -> asgi.A
     @app.errorhandler(StoreError)
     async def store_error(exc: StoreError) -> Response:
         log.error("store call failed", extra={"fields": {"error": str(exc)}})
+        deps.metrics.store_errors.inc()
         failure = StoreUnavailable(retry_after_s=STORE_RETRY_AFTER_S)
         return _envelope_response(failure.status, str(failure), headers=failure.headers)
 
@@ -194,6 +207,7 @@ def create_app(deps: AppDeps, *, blueprints: Iterable[Blueprint] = ()) -> asgi.A
     app.register_blueprint(health.blueprint)
     app.register_blueprint(execute.blueprint)
     app.register_blueprint(admin.blueprint)
+    app.register_blueprint(metrics.blueprint)
     app.register_blueprint(stream.blueprint)
     app.register_blueprint(upload.blueprint)
     app.register_blueprint(files.blueprint)

@@ -30,6 +30,7 @@ from interpreter.execution.python import PythonOutcome
 from interpreter.execution.runner import Job, OnOutput, RunResult
 from interpreter.execution.sessions import Resolved, resolve_session
 from interpreter.execution.workspace import FileLimits, Ref, Workspace, plan_workspace
+from interpreter.metrics import Metrics
 from interpreter.settings import Settings
 
 log = logging.getLogger("interpreter.exec")
@@ -149,6 +150,7 @@ def file_limits(settings: Settings) -> FileLimits:
 class RunContext:
     language: str
     python: PythonOutcome | None
+    metrics: Metrics
     resolved: Resolved
     workspace: Workspace
     principal_id: str
@@ -238,7 +240,7 @@ async def start_run(
         hint=body.runtime_session_hint, file_session_ids=[ref.session_id for ref in refs], entity_id=body.entity_id,
     )  # fmt: skip
     workspace = await plan_workspace(deps.catalog, resolved.session, refs, file_limits(deps.settings))
-    context = RunContext(job.language.code, None, resolved, workspace, principal.id)
+    context = RunContext(job.language.code, None, deps.metrics, resolved, workspace, principal.id)
     work: Work
     if job.language.code == "py" and deps.python is not None:
         context = replace(context, python=PythonOutcome())
@@ -250,6 +252,9 @@ async def start_run(
 
 
 def log_run(result: RunResult, context: RunContext) -> None:
+    """The run's log line and metrics (called from streamed bodies too: no app context needed)."""
+    context.metrics.runs.inc(language=context.language, status=result.status)
+    context.metrics.run_seconds.observe(result.duration_ms / 1000, language=context.language)
     log.info(
         "run finished",
         extra={"fields": {"language": context.language, "status": result.status, "exit_code": result.exit_code,

@@ -102,5 +102,9 @@ def test_the_admin_api_and_rate_limit_headers(work_dir: Path) -> None:
         env_hash = listed[1]["key_hash"]
         assert httpx.delete(f"{server.url}/api/v1/admin/keys/{env_hash}", headers=admin).status_code == 403
         assert server.exec("echo env", "bash")["stdout"] == "env\n"  # environment keys are unlimited
+        stats = httpx.get(f"{server.url}/api/v1/admin/stats", headers=admin, timeout=30).json()
+        assert stats["summary"]["total_executions"] == 1
+        assert stats["by_language"] == {"bash": 1}
+        assert stats["health"]["status"] == "healthy"
     finally:
         server.stop()
