@@ -56,7 +56,7 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
         keys = ManagedKeys(kv, rate_limits_enabled=False)
         if args.action == "create":
             key, record = await keys.create(args.name, limits, {})
-            _print({"api_key": key, "record": record.public(0)})
+            _print({"api_key": key, "record": record.public()})
         elif args.action == "list":
             _print([record.public(await keys.usage(record.key_hash)) for record in await keys.records()])
         else:

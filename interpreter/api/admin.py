@@ -63,7 +63,7 @@ async def list_keys() -> Response:
     for key in current_deps().settings.all_api_keys:
         digest = hashlib.sha256(key.encode()).hexdigest()
         listed.append(KeyRecord(digest, key[:PREFIX_SHOWN] if len(key) > 2 * PREFIX_SHOWN else "***", "environment",
-                                source="environment").public(0))  # fmt: skip
+                                source="environment").public())  # fmt: skip
     return jsonify(listed)
 
 
@@ -73,7 +73,7 @@ async def list_keys() -> Response:
 async def create_key() -> dict[str, Any]:
     body = await json_body(CreateKey)
     key, record = await _keys().create(body.name, body.rate_limits.model_dump(), body.metadata)
-    return {"api_key": key, "record": record.public(0)}
+    return {"api_key": key, "record": record.public()}
 
 
 async def _managed(key_hash: str) -> KeyRecord:

@@ -46,8 +46,8 @@ class KeyRecord:
     def limits(self) -> Limits:
         return Limits(**{period: self.rate_limits.get(period) for period in PERIODS})
 
-    def public(self, usage_count: int) -> dict[str, Any]:
-        return {**asdict(self), "usage_count": usage_count}
+    def public(self, usage: tuple[int, float | None] = (0, None)) -> dict[str, Any]:
+        return {**asdict(self), "usage_count": usage[0], "last_used_at": usage[1]}
 
 
 @dataclass
@@ -89,15 +89,19 @@ class ManagedKeys:
 
     async def delete(self, key_hash: str) -> bool:
         self._cache.pop(key_hash, None)
+        for counter in ("apikey-usage", "apikey-used"):
+            await self.kv.delete(f"{counter}:{key_hash}")
         return await self.kv.delete(f"apikey:{key_hash}")
 
     async def records(self) -> list[KeyRecord]:
         found = [await self.get(key.removeprefix("apikey:")) for key in await self.kv.keys("apikey:")]
         return sorted((r for r in found if r is not None), key=lambda r: r.created_at, reverse=True)
 
-    async def usage(self, key_hash: str) -> int:
+    async def usage(self, key_hash: str) -> tuple[int, float | None]:
+        """(requests authenticated, time of the last one)."""
         raw = await self.kv.get(f"apikey-usage:{key_hash}")
-        return int(raw) if raw and raw.isdigit() else 0
+        used = await self.kv.get(f"apikey-used:{key_hash}")
+        return (int(raw) if raw and raw.isdigit() else 0), (float(used) if used else None)
 
     async def principal(self, key: str) -> tuple[Principal, RateState | None]:
         """The principal of a managed key, after its rate limits.
@@ -117,6 +121,7 @@ class ManagedKeys:
             raise AuthenticationFailed("Invalid API key")
         state = await self._count(record) if self.rate_limits_enabled else None
         await self.kv.incr(f"apikey-usage:{digest}")
+        await self.kv.set(f"apikey-used:{digest}", repr(self.clock()).encode())
         return Principal(id=f"key:{digest[:16]}", kind="key", limits=record.limits()), state
 
     async def _count(self, record: KeyRecord) -> RateState | None:

@@ -76,6 +76,7 @@ def test_the_admin_api_and_rate_limit_headers(work_dir: Path) -> None:
         assert created["record"]["key_prefix"] == key[:11]
         listed = httpx.get(f"{server.url}/api/v1/admin/keys", headers=admin, timeout=10).json()
         assert [k["source"] for k in listed] == ["managed", "environment"]
+        assert (listed[0]["usage_count"], listed[0]["last_used_at"]) == (0, None)
         assert key not in str(listed)
         user = {"x-api-key": key}
         remaining = []
@@ -85,6 +86,9 @@ def test_the_admin_api_and_rate_limit_headers(work_dir: Path) -> None:
             assert reply.headers["X-RateLimit-Limit"] == "3"
             remaining.append(reply.headers["X-RateLimit-Remaining"])
         assert remaining == ["2", "1", "0"]
+        used = httpx.get(f"{server.url}/api/v1/admin/keys", headers=admin, timeout=10).json()[0]
+        assert used["usage_count"] == 3
+        assert used["last_used_at"] > used["created_at"]
         over = httpx.get(f"{server.url}/files/none", headers=user, timeout=10)
         assert over.status_code == 429
         assert over.json()["error_type"] == "rate_limited"

@@ -5,7 +5,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import http.server
 import json
+import socketserver
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +117,37 @@ def test_a_static_pem_key_from_text_or_a_path(tmp_path: Path) -> None:
         verifier_from_settings(True, "-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----", None, None,
                                "librechat", "codeapi")  # fmt: skip
     assert verifier_from_settings(False, None, None, None, "librechat", "codeapi") is None
+
+
+def test_a_jwks_url_is_fetched_and_refreshed_when_keys_rotate() -> None:
+    served = {"keys": [jwk(ED_KEY, "first")]}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(served).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with socketserver.TCPServer(("127.0.0.1", 0), Handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            url = f"http://127.0.0.1:{server.server_address[1]}/jwks.json"
+            verifier = verifier_from_settings(True, None, None, url, "librechat", "codeapi")
+            assert verifier is not None
+            verifier.now = lambda: NOW
+            verifier.refresh()
+            assert verifier.principal(token(kid="first")).id == "jwt:tenant-a:user-1"
+            with pytest.raises(InvalidToken):
+                verifier.principal(token(kid="second", key=RSA_KEY, alg="RS256"))
+            served["keys"] = [jwk(RSA_KEY, "second")]  # LibreChat rotated its key
+            verifier.refresh()
+            assert verifier.principal(token(kid="second", key=RSA_KEY, alg="RS256")).kind == "jwt"
+        finally:
+            server.shutdown()
