@@ -26,7 +26,7 @@ import trio
 from pydantic import ValidationError
 from quart import Blueprint, Response, websocket
 
-from interpreter.api.app import auth_failed, client_ip, current_deps, current_principal
+from interpreter.api.app import auth_failed, client_ip, current_deps, current_principal, user_principal
 from interpreter.api.bodies import json_body, validation_details
 from interpreter.api.envelope import envelope
 from interpreter.api.execute import ExecRequest, RunContext, log_run, render, start_run
@@ -141,26 +141,16 @@ async def _sse(handle: RunHandle, context: RunContext, relay: OutputRelay) -> As
 # --- WebSocket ---------------------------------------------------------------------------------------------
 
 
-def _websocket_principal() -> Principal:
-    """The same credentials as HTTP, plus ``?api_key=`` and a ``key.<key>`` subprotocol for browsers."""
-    deps = current_deps()
-    headers: dict[str, str] = {name: value for name, value in websocket.headers.items()}
-    if "x-api-key" not in {name.lower() for name in headers} and "authorization" not in {
-        name.lower() for name in headers
-    }:
+async def _websocket_principal() -> Principal:
+    """The same credentials as HTTP (managed keys and JWTs included), plus ``?api_key=`` and a
+    ``key.<key>`` subprotocol for browsers, which cannot set headers on a WebSocket."""
+    headers = websocket.headers.copy()
+    if "x-api-key" not in headers and "authorization" not in headers:
         offered = [p for p in websocket.requested_subprotocols if p.startswith(KEY_SUBPROTOCOL)]
         key = websocket.args.get("api_key") or (offered[0][len(KEY_SUBPROTOCOL) :] if offered else None)
         if key:
             headers["x-api-key"] = key
-    return deps.authenticator.user(_HeaderView(headers))
-
-
-class _HeaderView:
-    def __init__(self, headers: dict[str, str]) -> None:
-        self._headers = {name.lower(): value for name, value in headers.items()}
-
-    def get(self, key: str, /) -> str | None:
-        return self._headers.get(key.lower())
+    return await user_principal(current_deps(), headers)
 
 
 @blueprint.websocket("/ws/exec")
@@ -171,7 +161,7 @@ async def ws_exec() -> Response | None:
         if deps.failures is not None:
             await deps.failures.check(client)
         try:
-            principal = _websocket_principal()
+            principal = await _websocket_principal()
         except InterpreterError as exc:
             await auth_failed(deps, client, websocket.path, exc)
             raise
