@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -248,12 +248,21 @@ class ServerProcess:
             time.sleep(0.1)
 
 
+@contextmanager
+def serving(prefix: str, **env: str) -> Iterator[ServerProcess]:
+    """A started server process in a 0755 directory of its own; stopped and removed afterwards."""
+    base = open_dir(prefix)
+    instance = ServerProcess(base, **env)
+    instance.start()
+    try:
+        yield instance
+    finally:
+        instance.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
     """One real server per test module, with this machine's runtimes and nsjail."""
-    base = open_dir("interp-server-")
-    instance = ServerProcess(base, MAX_EXECUTION_TIME="20", SANDBOX_CLEANUP_INTERVAL_MINUTES="1")
-    instance.start()
-    yield instance
-    instance.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    with serving("interp-server-", MAX_EXECUTION_TIME="20", SANDBOX_CLEANUP_INTERVAL_MINUTES="1") as instance:
+        yield instance

@@ -7,7 +7,6 @@ Two nodes sharing Redis + S3 are in tests/stores/test_server_kernels.py.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
@@ -18,19 +17,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess, open_dir
+from tests.conftest import ServerProcess, serving
 
 pytestmark = pytest.mark.nsjail
 
 
 @pytest.fixture(scope="module")
 def kernels() -> Iterator[ServerProcess]:
-    base = open_dir("interp-kernels-")
-    instance = ServerProcess(base, MAX_EXECUTION_TIME="20")
-    instance.start()
-    yield instance
-    instance.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    with serving("interp-kernels-", MAX_EXECUTION_TIME="20") as instance:
+        yield instance
 
 
 def py(server: ServerProcess, code: str, **fields: Any) -> dict[str, Any]:
@@ -215,16 +210,13 @@ def test_the_kernel_of_a_session_is_replaced_when_killed_from_outside(kernels: S
     before = set(details(kernels)["run_ids"])
 
     def kill_the_running_kernel() -> None:
+        """SIGKILL the Python process of every kernel of this server (the running one among them)."""
         time.sleep(1.5)
-        for run_id in set(details(kernels)["run_ids"]):
-            cgroup = next(Path("/sys/fs/cgroup/memory").glob(f"interpreter-*/run-{run_id}"), None)
-            if cgroup is None:
-                continue
-            for pid in (cgroup / "cgroup.procs").read_text().split():
-                if "sleep_marker_" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace") or True:
-                    with open(f"/proc/{pid}/status") as status:
-                        if "python" in status.readline():
-                            os.kill(int(pid), signal.SIGKILL)
+        for run_id in details(kernels)["run_ids"]:
+            for cgroup in Path("/sys/fs/cgroup/memory").glob(f"interpreter-*/run-{run_id}"):
+                for pid in (cgroup / "cgroup.procs").read_text().split():
+                    if Path(f"/proc/{pid}/comm").read_text().startswith("python"):
+                        os.kill(int(pid), signal.SIGKILL)
 
     assert before
     killer = threading.Thread(target=kill_the_running_kernel)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection, open_websocket_url
 
-from tests.conftest import ServerProcess, open_dir
+from tests.conftest import ServerProcess, serving
 
 pytestmark = [
     pytest.mark.nsjail,
@@ -51,12 +50,8 @@ INTERACTIVE = {
 
 @pytest.fixture(scope="module")
 def streaming() -> Iterator[ServerProcess]:
-    base = open_dir("interp-stream-")
-    instance = ServerProcess(base, MAX_EXECUTION_TIME="30")
-    instance.start()
-    yield instance
-    instance.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    with serving("interp-stream-", MAX_EXECUTION_TIME="30") as instance:
+        yield instance
 
 
 def ws_url(server: ServerProcess, key: str | None = None) -> str:

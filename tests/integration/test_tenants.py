@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from tests.conftest import ServerProcess, open_dir
+from tests.conftest import ServerProcess, serving
 
 pytestmark = pytest.mark.nsjail
 
@@ -39,12 +38,8 @@ def bearer(tenant: str, user: str = "user-1", **claims: Any) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tenants() -> Iterator[ServerProcess]:
-    base = open_dir("interp-tenants-")
-    instance = ServerProcess(base, CODEAPI_JWT_ENABLED="true", CODEAPI_JWT_PUBLIC_KEY=PUBLIC_PEM.decode())
-    instance.start()
-    yield instance
-    instance.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    with serving("interp-tenants-", CODEAPI_JWT_ENABLED="true", CODEAPI_JWT_PUBLIC_KEY=PUBLIC_PEM.decode()) as instance:
+        yield instance
 
 
 def test_a_tenant_sees_nothing_of_another_tenant_or_of_a_key(tenants: ServerProcess) -> None:

@@ -133,6 +133,15 @@ def moto_answers(port: int) -> bool:
     return True
 
 
+@pytest.fixture
+def bases() -> Iterator[tuple[Path, Path]]:
+    """Two server base directories (two nodes of one deployment), removed afterwards."""
+    paths = (open_dir("interp-node-a-"), open_dir("interp-node-b-"))
+    yield paths
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A real redis-server for the session: ``redis://127.0.0.1:<port>/0``."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import pytest
 import trio
 import trio_asyncio
 
-from tests.conftest import ServerProcess, open_dir
+from tests.conftest import ServerProcess, serving
 from tests.stores.conftest import open_raw_s3
 
 OTHER_KEY = "other-key-" + secrets.token_hex(12)
@@ -34,12 +33,8 @@ def files_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
         endpoint = request.getfixturevalue("s3_endpoint")
         stores = {"REDIS_URL": request.getfixturevalue("redis_url"), "S3_ENDPOINT": endpoint,
                   "S3_REGION": "us-east-1", "S3_BUCKET": f"files-{secrets.token_hex(6)}"}  # fmt: skip
-    base = open_dir("interp-files-")
-    instance = ServerProcess(base, API_KEYS=OTHER_KEY, MAX_EXECUTION_TIME="20", **SMALL, **stores)
-    instance.start()
-    yield instance
-    instance.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    with serving("interp-files-", API_KEYS=OTHER_KEY, MAX_EXECUTION_TIME="20", **SMALL, **stores) as instance:
+        yield instance
 
 
 def upload(

@@ -5,25 +5,15 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.conftest import ServerProcess, open_dir
+from tests.conftest import ServerProcess
 from tests.stores.conftest import DEFAULT_MOTO_SERVER, StoreServer, moto_answers, need_binary, redis_server
-
-
-@pytest.fixture
-def bases() -> Iterator[tuple[Path, Path]]:
-    paths = (open_dir("interp-node-a-"), open_dir("interp-node-b-"))
-    yield paths
-    for path in paths:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def test_two_servers_share_sessions_and_files(bases: tuple[Path, Path], redis_url: str, s3_endpoint: str) -> None:

@@ -4,23 +4,13 @@ node with its variables, and a node's live kernel is dropped once the other node
 from __future__ import annotations
 
 import secrets
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerProcess, open_dir
+from tests.conftest import ServerProcess
 
 pytestmark = pytest.mark.nsjail
-
-
-@pytest.fixture
-def bases() -> Iterator[tuple[Path, Path]]:
-    paths = (open_dir("interp-kernel-a-"), open_dir("interp-kernel-b-"))
-    yield paths
-    for path in paths:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def test_a_session_moves_between_nodes_with_its_variables(bases: tuple[Path, Path], redis_url: str,
