@@ -22,12 +22,14 @@ from quart import Blueprint
 
 from interpreter import __version__
 from interpreter.api.app import AppDeps, create_app
+from interpreter.api.execute import file_limits
 from interpreter.auth.failures import FailureLimiter, parse_networks
 from interpreter.auth.jwt import refresh_forever, verifier_from_settings
 from interpreter.auth.keys import KeyAuthenticator
 from interpreter.auth.managed import ManagedKeys
 from interpreter.errors import SettingsError
 from interpreter.execution.kernel_pool import KernelPool
+from interpreter.execution.programmatic import Programmatic
 from interpreter.execution.python import PythonRuns
 from interpreter.execution.setup import Execution, open_execution, sandbox_check, state_max_bytes
 from interpreter.execution.state import StateStore
@@ -161,6 +163,15 @@ def python_runs(settings: Settings, execution: Execution, stores: Stores) -> Pyt
     )  # fmt: skip
 
 
+def programmatic_runs(settings: Settings, python: PythonRuns | None, catalog: Catalog,
+                      stores: Stores) -> Programmatic | None:  # fmt: skip
+    """Programmatic tool calling, in Python kernels (None without them)."""
+    if python is None:
+        return None
+    return Programmatic(python, catalog, stores.kv, file_limits(settings), token_ttl_s=settings.ptc_token_ttl_s,
+                        max_rounds=settings.ptc_max_rounds)  # fmt: skip
+
+
 def gauges(execution: Execution) -> list[Gauge]:
     """What /metrics reads at each scrape: runs executing and queued, kernels ready and live."""
     executor = execution.executor
@@ -246,6 +257,8 @@ async def serve(
         async with trio_asyncio.open_loop(), open_stores(settings) as stores:
             health.register("sandbox", partial(sandbox_check, execution))
             register_store_checks(health, stores)
+            python = python_runs(settings, execution, stores)
+            catalog = Catalog(stores.kv, stores.blobs, ttl_s=settings.session_ttl_h * 3600)
             deps = AppDeps(
                 settings=settings,
                 health=health,
@@ -254,8 +267,9 @@ async def serve(
                 executor=execution.executor,
                 languages=execution.languages,
                 stores=stores,
-                catalog=Catalog(stores.kv, stores.blobs, ttl_s=settings.session_ttl_h * 3600),
-                python=python_runs(settings, execution, stores),
+                catalog=catalog,
+                python=python,
+                programmatic=programmatic_runs(settings, python, catalog, stores),
                 shutdown=shutting_down,
                 failures=FailureLimiter(
                     stores.kv,
@@ -297,6 +311,8 @@ async def _serve_with(
                 archiver = partial(state_archiver.run, deps.python.state, settings.state_archive_check_interval_s,
                                    (StoreError,))  # fmt: skip
                 await services.start(partial(supervise, archiver, name="state_archiver", board=board))
+        if deps.programmatic is not None:
+            await services.start(partial(supervise, deps.programmatic.run, name="programmatic", board=board))
         # HTTP binds last and drains first: its nursery ends when hypercorn has drained.
         async with trio.open_nursery() as http:
             app = create_app(deps, blueprints=blueprints)

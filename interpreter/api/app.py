@@ -21,6 +21,7 @@ from interpreter.auth.managed import ManagedKeys, RateState
 from interpreter.auth.principals import Principal
 from interpreter.errors import InterpreterError, RateLimited, StoreUnavailable, UnsupportedMediaType
 from interpreter.execution.executor import Executor
+from interpreter.execution.programmatic import Programmatic
 from interpreter.execution.python import PythonRuns
 from interpreter.files.catalog import Catalog
 from interpreter.health import HealthRegistry
@@ -55,6 +56,7 @@ class AppDeps:
     stores: Stores
     catalog: Catalog
     python: PythonRuns | None = None
+    programmatic: Programmatic | None = None
     shutdown: trio.Event = field(default_factory=trio.Event)  # set when the server starts to stop
     failures: FailureLimiter | None = None
     keys: ManagedKeys | None = None
@@ -106,7 +108,7 @@ def create_app(deps: AppDeps, *, blueprints: Iterable[Blueprint] = ()) -> asgi.A
     ``blueprints`` are extra routers mounted beside the built-in ones (tests mount routes there).
     """
     settings = deps.settings
-    from interpreter.api import admin, execute, files, health, metrics, openapi, stream, upload  # import this module
+    from interpreter.api import admin, execute, files, health, metrics, openapi, programmatic, stream, upload
 
     app = QuartTrio("interpreter")
     app.request_class = BoundedRequest
@@ -206,6 +208,7 @@ def create_app(deps: AppDeps, *, blueprints: Iterable[Blueprint] = ()) -> asgi.A
 
     app.register_blueprint(health.blueprint)
     app.register_blueprint(execute.blueprint)
+    app.register_blueprint(programmatic.blueprint)
     app.register_blueprint(admin.blueprint)
     app.register_blueprint(metrics.blueprint)
     app.register_blueprint(stream.blueprint)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import trio
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -36,6 +36,7 @@ from interpreter.settings import Settings
 log = logging.getLogger("interpreter.exec")
 blueprint = Blueprint("exec", __name__)
 
+T = TypeVar("T")
 KEEPALIVE_AFTER_S = 3.0
 KEEPALIVE_EVERY_S = 3.0
 ENTITY_ID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
@@ -186,21 +187,32 @@ def render(result: RunResult, context: RunContext) -> dict[str, Any]:
 async def exec_code() -> Response | dict[str, Any]:
     body = await json_body(ExecRequest)
     handle, context = await start_run(body, current_principal())
+
+    def finish(result: RunResult) -> dict[str, Any]:
+        log_run(result, context)
+        return render(result, context)
+
+    return await reply_with_keepalives(handle, finish)
+
+
+async def reply_with_keepalives(
+    handle: RunHandle[T], finish: Callable[[T], dict[str, Any]]
+) -> Response | dict[str, Any]:
+    """The run's reply: at once when it is ready within ~3 s, else streamed behind whitespace keepalives."""
     finished = False
     try:
         if await wait_or_timeout(handle, KEEPALIVE_AFTER_S):
             result = await handle.wait()
             finished = True
-            log_run(result, context)
-            return render(result, context)
+            return finish(result)
         finished = True  # the stream below owns the handle from here
     finally:
         if not finished:
             handle.cancel()  # the client went away while we waited
-    return Response(_keepalive_stream(handle, context), status=200, content_type="application/json")
+    return Response(_keepalive_stream(handle, finish), status=200, content_type="application/json")
 
 
-async def _keepalive_stream(handle: RunHandle, context: RunContext) -> AsyncIterator[bytes]:
+async def _keepalive_stream(handle: RunHandle[T], finish: Callable[[T], dict[str, Any]]) -> AsyncIterator[bytes]:
     try:
         yield b" "
         while not await wait_or_timeout(handle, KEEPALIVE_EVERY_S):
@@ -215,8 +227,7 @@ async def _keepalive_stream(handle: RunHandle, context: RunContext) -> AsyncIter
             failure = ServiceUnavailable("Unexpected error during code execution")
             yield json.dumps(envelope(503, str(failure), request_id=None)).encode()
             return
-        log_run(result, context)
-        yield json.dumps(render(result, context)).encode()
+        yield json.dumps(finish(result)).encode()
     finally:
         handle.cancel()  # a no-op once done; cancels the run when the client disconnected
 
@@ -224,7 +235,7 @@ async def _keepalive_stream(handle: RunHandle, context: RunContext) -> AsyncIter
 async def start_run(
     body: ExecRequest, principal: Principal, on_output: OnOutput | None = None,
     stdin_stream: trio.MemoryReceiveChannel[bytes | None] | None = None,
-) -> tuple[RunHandle, RunContext]:  # fmt: skip
+) -> tuple[RunHandle[RunResult], RunContext]:  # fmt: skip
     """Validate, find the session, plan its files and submit the run (for /exec and the streaming routes).
 
     Raises:
@@ -241,7 +252,7 @@ async def start_run(
     )  # fmt: skip
     workspace = await plan_workspace(deps.catalog, resolved.session, refs, file_limits(deps.settings))
     context = RunContext(job.language.code, None, deps.metrics, resolved, workspace, principal.id)
-    work: Work
+    work: Work[RunResult]
     if job.language.code == "py" and deps.python is not None:
         context = replace(context, python=PythonOutcome())
         assert context.python is not None

@@ -34,6 +34,7 @@ from interpreter.api.openapi import documented
 from interpreter.auth.principals import Principal
 from interpreter.errors import InterpreterError, ServiceUnavailable
 from interpreter.execution.executor import RunHandle
+from interpreter.execution.runner import RunResult
 
 log = logging.getLogger("interpreter.stream")
 blueprint = Blueprint("stream", __name__)
@@ -77,7 +78,7 @@ async def _first_of(*waits: Any) -> None:
             race.start_soon(one)
 
 
-async def run_events(handle: RunHandle, context: RunContext, relay: OutputRelay,
+async def run_events(handle: RunHandle[RunResult], context: RunContext, relay: OutputRelay,
                      keepalive_s: float | None = None) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
     """The events of one run, for any transport. With ``keepalive_s``, a ``keepalive`` event when idle that long."""
     session = context.resolved.session.id
@@ -127,7 +128,7 @@ async def exec_stream() -> Response:
     return Response(_sse(handle, context, relay), status=200, content_type="text/event-stream", headers=headers)
 
 
-async def _sse(handle: RunHandle, context: RunContext, relay: OutputRelay) -> AsyncIterator[bytes]:
+async def _sse(handle: RunHandle[RunResult], context: RunContext, relay: OutputRelay) -> AsyncIterator[bytes]:
     try:
         async for event in run_events(handle, context, relay, keepalive_s=SSE_KEEPALIVE_S):
             if event["type"] == "keepalive":
@@ -184,7 +185,7 @@ class _WebSocketRun:
     def __init__(self, principal: Principal) -> None:
         self.principal = principal
         self.stdin_send, self.stdin_receive = trio.open_memory_channel[bytes | None](64)
-        self.handle: RunHandle | None = None
+        self.handle: RunHandle[RunResult] | None = None
 
     async def _send(self, event: dict[str, Any]) -> None:
         await websocket.send(json.dumps(event))

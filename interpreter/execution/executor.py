@@ -12,18 +12,20 @@ import logging
 import math
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any, Generic, NoReturn, TypeVar
 
 import trio
 
 from interpreter.errors import ServiceUnavailable
-from interpreter.execution.runner import OnOutput, Runner, RunResult
+from interpreter.execution.runner import OnOutput, Runner
 
 log = logging.getLogger("interpreter.execution")
 
-# A run: an async generator that yields its result once (the reply), then may go on with work the
-# reply does not wait for (storing a Python checkpoint) in the same run slot.
-Work = Callable[[OnOutput | None], AsyncGenerator[RunResult, None]]
+T = TypeVar("T")
+# A run: an async generator that yields its result once (the reply: a RunResult, or a programmatic
+# run's reply), then may go on with work the reply does not wait for (storing a Python checkpoint)
+# in the same run slot.
+Work = Callable[[OnOutput | None], AsyncGenerator[T, None]]
 
 RETRY_AFTER_S = 2
 
@@ -33,15 +35,15 @@ class QueueFull(ServiceUnavailable):
 
 
 @dataclass
-class RunHandle:
+class RunHandle(Generic[T]):
     """A submitted run: wait for its result, or cancel it."""
 
     done: trio.Event = field(default_factory=trio.Event)
-    result: RunResult | None = None
+    result: T | None = None
     error: BaseException | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
-    async def wait(self) -> RunResult:
+    async def wait(self) -> T:
         await self.done.wait()
         if self.error is not None:
             raise self.error
@@ -73,7 +75,7 @@ class Executor:
             "completed": self.completed,
         }
 
-    def submit(self, work: Work, on_output: OnOutput | None = None) -> RunHandle:
+    def submit(self, work: Work[T], on_output: OnOutput | None = None) -> RunHandle[T]:
         """Start ``work`` now or queue it; decided synchronously, before any byte of a reply is sent.
 
         Raises:
@@ -84,12 +86,12 @@ class Executor:
             raise ServiceUnavailable("The server is not accepting runs right now", retry_after_s=RETRY_AFTER_S)
         if self._slots.value == 0 and self._waiting >= self.queue_size:
             raise QueueFull(retry_after_s=RETRY_AFTER_S)
-        handle = RunHandle()
+        handle: RunHandle[T] = RunHandle()
         self._waiting += 1
         self._nursery.start_soon(self._execute, work, on_output, handle)
         return handle
 
-    async def _execute(self, work: Work, on_output: OnOutput | None, handle: RunHandle) -> None:
+    async def _execute(self, work: Work[Any], on_output: OnOutput | None, handle: RunHandle[Any]) -> None:
         queued = True
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -138,7 +140,7 @@ def default_concurrency(setting: int, cores: int | None) -> int:
     return setting if setting > 0 else 2 * max(1, cores or 1)
 
 
-async def wait_or_timeout(handle: RunHandle, seconds: float) -> bool:
+async def wait_or_timeout(handle: RunHandle[Any], seconds: float) -> bool:
     """True when the run finished within ``seconds``."""
     with trio.move_on_after(seconds):
         await handle.done.wait()

@@ -4,9 +4,9 @@
   SANDBOX_POOL_PARALLEL_BATCH. Taking one is the event that refills the pool (no polling); batches
   are at least SANDBOX_POOL_REPLENISH_INTERVAL apart; with SANDBOX_POOL_EXHAUSTION_TRIGGER=false a
   miss does not trigger a refill either. A miss starts a kernel on the spot.
-- **Live kernels** stay bound to their session after a run (a kernel never serves two sessions)
-  until idle for SANDBOX_TTL_MINUTES, within MAX_LIVE_KERNELS and KERNEL_MEMORY_BUDGET_MB; the
-  least recently used go first.
+- **Live kernels** stay bound to their session after a run (a kernel never serves two sessions),
+  or to a programmatic run paused in them, until idle for SANDBOX_TTL_MINUTES, within
+  MAX_LIVE_KERNELS and KERNEL_MEMORY_BUDGET_MB; the least recently used go first.
 - **Slots**: kernel slot *n* runs as uid SANDBOX_UID+2+n (DESIGN §1), so no two kernels share a uid.
 """
 
@@ -174,12 +174,20 @@ class KernelPool:
 
     def keep(self, session: str, kernel: Kernel) -> None:
         """Bind ``kernel`` to ``session`` until it idles out, within the count and memory limits."""
-        if not self.config.keep_live or not kernel.alive:
+        if not self.config.keep_live:
             self.discard(kernel)
             return
-        kernel.session = session
+        self.park(session, kernel)
+
+    def park(self, key: str, kernel: Kernel) -> None:
+        """Hold ``kernel`` under ``key`` like a live kernel (evictable, expiring), even with REPL_ENABLED=false:
+        a programmatic run paused for tool calls. An evicted paused run continues by replay."""
+        if not kernel.alive:
+            self.discard(kernel)
+            return
+        kernel.session = key
         kernel.last_used = time.monotonic()
-        self.live[session] = kernel
+        self.live[key] = kernel
         while len(self.live) > self.config.max_live:
             self._evict(min(self.live, key=lambda key: self.live[key].last_used))
         while self.live and sum(k.memory_bytes() for k in self.live.values()) > self.config.memory_budget_bytes:

@@ -35,6 +35,7 @@ MARKER_WAIT_S = 2.0  # after a result, for the output written before it to arriv
 EVENT_BUFFER = 64
 FRAME_MAX = 1024 * 1024  # output and control frames; a state frame may be larger (its own cap)
 LOG_TAIL = 4096
+MAX_CALLS_PER_ROUND = 100
 
 
 class KernelDied(Exception):
@@ -104,7 +105,7 @@ class Kernel:
     memory_limit: int
     started_at: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
-    session: str | None = None  # the session it serves; never changes once set
+    session: str | None = None  # the session (or paused programmatic run of it) it is held for
     generation: int = 0  # the checkpoint its state equals
     present: dict[str, Any] = field(default_factory=dict)  # what its run directory holds (workspace.py)
     saved: tuple[bytes, float] | None = None  # digest and time of the checkpoint it last stored
@@ -151,122 +152,14 @@ class Kernel:
     async def run(self, code: str, args: tuple[str, ...], stdin: bytes | None, timeout_s: float,
                   on_output: OnOutput | None,
                   stdin_stream: trio.MemoryReceiveChannel[bytes | None] | None = None) -> RunResult:  # fmt: skip
-        """One cell. Output is capped per stream as it arrives; over the cap or the deadline, the cell is
-        interrupted, and the kernel is killed if it does not stop (``KernelDied``, with what it printed)."""
-        marker = secrets.token_hex(16)
-        self.last_used = time.monotonic()
-        # The stdin given up front rides with the run; what streams in follows as STDIN frames.
-        header = {"code": code, "args": list(args), "marker": marker, "stdin_eof": stdin_stream is None}
-        await self.send(protocol.RUN, header, stdin or b"")
-        streams = {name: _Marker(marker.encode()) for name in ("stdout", "stderr")}
-        captured = {name: bytearray() for name in streams}
-        started = time.monotonic()
-        deadline = trio.current_time() + timeout_s
-        interrupted: Status | None = None
-        result: dict[str, Any] | None = None
-        dead: str | None = None
-        closed: set[str] = set()
-        oom_before = oom_kills(self.cgroup) if self.cgroup is not None else 0
-
-        async def keep(name: str, data: bytes) -> None:
-            nonlocal interrupted, deadline
-            room = max(0, self.output_cap - len(captured[name]))
-            kept = data[:room]
-            captured[name] += kept
-            if kept and on_output is not None:
-                await on_output(name, kept)
-            if len(kept) < len(data) and interrupted is None:
-                interrupted = "output_limit"
-                await self._interrupt()
-                deadline = trio.current_time() + INTERRUPT_GRACE_S
-
-        try:
-            async with trio.open_nursery() as feeder:
-                if stdin_stream is not None:
-                    feeder.start_soon(self._forward_stdin, stdin_stream)
-                while True:
-                    with trio.move_on_at(deadline):
-                        try:
-                            event, first, second = await self.events.receive()
-                        except trio.EndOfChannel:  # the jail is gone and its pipes were read to the end
-                            dead = dead or "the kernel ended"
-                            break
-                        if event == "out":
-                            await keep(first, streams[first].feed(second))
-                        elif event == "closed":
-                            closed.add(first)
-                        elif event == "dead":
-                            dead, deadline = first, trio.current_time() + INTERRUPT_GRACE_S  # the pipes' last bytes
-                        elif event == "frame" and first[0] == protocol.RESULT:
-                            result, deadline = first[1], trio.current_time() + MARKER_WAIT_S
-                        if (result is not None and all(s.found for s in streams.values())) or len(closed) == 2:
-                            break
-                        continue
-                    if result is not None or dead is not None:
-                        break  # the markers (or the pipes' ends) did not come in time: what arrived is all
-                    if interrupted is not None:  # interrupted, and still going: it goes
-                        await self.kill()
-                        dead, deadline = f"the run ignored its {interrupted}", trio.current_time() + INTERRUPT_GRACE_S
-                        continue
-                    interrupted = "timeout"
-                    await self._interrupt()
-                    deadline = trio.current_time() + INTERRUPT_GRACE_S
-                feeder.cancel_scope.cancel()
-        except* KernelDied as group:  # the kernel stopped reading: it is gone
-            dead = str(group.exceptions[0])
-        finally:
-            self.last_used = time.monotonic()
-        for name, scanner in streams.items():
-            if not scanner.found:
-                await keep(name, scanner.rest())
-        if dead is not None or result is None:
-            self.broken = True
-            raise KernelDied(dead or "no result", self._died(interrupted, captured, oom_before, timeout_s, started))
-        exit_code = result.get("exit_code") if isinstance(result.get("exit_code"), int) else 1
-        status: Status = interrupted or ("ok" if exit_code == 0 else "error")
-        notes = []
-        if self.cgroup is not None and oom_kills(self.cgroup) > oom_before:
-            # A process of the run was killed for memory (a child, say); the kernel itself survived.
-            status = "memory_limit"
-            notes.append(f"A process was killed: the run exceeded the memory limit of {self.memory_limit >> 20} MiB.")
-        elif interrupted == "timeout":
-            notes.append(f"Execution timed out after {timeout_s:g} s.")
-        elif interrupted == "output_limit":
-            notes.append(f"Output exceeded the limit of {self.output_cap} bytes per stream; the program was stopped.")
-        return RunResult(
-            status=status, exit_code=exit_code, stdout=bytes(captured["stdout"]), stderr=bytes(captured["stderr"]),
-            truncated=interrupted == "output_limit", duration_ms=int((time.monotonic() - started) * 1000), notes=notes,
-        )  # fmt: skip
-
-    async def _forward_stdin(self, chunks: trio.MemoryReceiveChannel[bytes | None]) -> None:
-        """Stdin that streams in during the run, as STDIN frames; None is its end. A kernel that stopped
-        reading is the run loop's to notice."""
-        with contextlib.suppress(KernelDied):
-            async for chunk in chunks:
-                if chunk is None:
-                    await self.send(protocol.STDIN_EOF)
-                    return
-                await self.send(protocol.STDIN, None, chunk)
+        """One cell (without tools, so it never pauses); see ``Cell``."""
+        outcome = await Cell(self, timeout_s, on_output).start(code, args, stdin, stdin_stream)
+        assert isinstance(outcome, RunResult)
+        return outcome
 
     async def _interrupt(self) -> None:
         with contextlib.suppress(KernelDied):
             await self.send(protocol.INTERRUPT)
-
-    def _died(self, interrupted: Status | None, captured: dict[str, bytearray], oom_before: int, timeout_s: float,
-              started: float) -> RunResult:  # fmt: skip
-        status: Status = interrupted or "error"
-        note = "The Python kernel stopped during the run; variables since the last saved state are lost."
-        if self.cgroup is not None and oom_kills(self.cgroup) > oom_before:
-            status = "memory_limit"
-            note = (f"The program was killed: it exceeded the memory limit of {self.memory_limit >> 20} MiB; "
-                    "variables since the last saved state are lost.")  # fmt: skip
-        elif interrupted == "timeout":
-            note = f"Execution timed out after {timeout_s:g} s; the kernel had to be stopped."
-        return RunResult(
-            status=status, exit_code=None, stdout=bytes(captured["stdout"]), stderr=bytes(captured["stderr"]),
-            truncated=interrupted == "output_limit", duration_ms=int((time.monotonic() - started) * 1000),
-            notes=[note],
-        )  # fmt: skip
 
     async def checkpoint(self, max_bytes: int) -> tuple[bytes | None, list[str]]:
         """(opaque state, warnings). None when the state is over ``max_bytes`` (a warning says so)."""
@@ -288,6 +181,188 @@ class Kernel:
                 await process.wait()
             if process.returncode is None:
                 process.kill()
+
+
+@dataclass(frozen=True)
+class ToolCalls:
+    """A cell paused for tool calls: ``[{"name", "input"}]`` as the kernel asked, names among its tools."""
+
+    calls: list[dict[str, Any]]
+
+
+class Cell:
+    """One run in a kernel. With tools it may pause for tool calls between rounds (programmatic tool calling).
+
+    Output is capped per stream as it arrives, across rounds. ``timeout_s`` is a budget of time
+    spent executing, summed over the rounds: a pause (the client calling its tools) does not count.
+    Over the cap or the budget the cell is interrupted, and the kernel is killed if it does not stop
+    (``KernelDied``, carrying what the cell printed).
+    """
+
+    def __init__(self, kernel: Kernel, timeout_s: float, on_output: OnOutput | None,
+                 tools: list[dict[str, str]] | None = None) -> None:  # fmt: skip
+        self.kernel, self.timeout_s, self.on_output, self.tools = kernel, timeout_s, on_output, tools
+        self.remaining_s = timeout_s
+        self.marker = secrets.token_hex(16)
+        self.streams = {name: _Marker(self.marker.encode()) for name in ("stdout", "stderr")}
+        self.captured = {name: bytearray() for name in self.streams}
+        self.interrupted: Status | None = None
+        self.error: str | None = None  # the kernel's one-line summary of a failure (untrusted text)
+        self.last_answers: list[dict[str, Any]] = []  # what the last pause was answered with
+        self.oom_before = oom_kills(kernel.cgroup) if kernel.cgroup is not None else 0
+
+    async def start(self, code: str, args: tuple[str, ...] = (), stdin: bytes | None = None,
+                    stdin_stream: trio.MemoryReceiveChannel[bytes | None] | None = None,
+                    lang: str = "py") -> RunResult | ToolCalls:  # fmt: skip
+        # The stdin given up front rides with the run; what streams in follows as STDIN frames.
+        header = {"code": code, "args": list(args), "marker": self.marker, "stdin_eof": stdin_stream is None,
+                  "lang": lang, "tools": self.tools or []}  # fmt: skip
+        await self.kernel.send(protocol.RUN, header, stdin or b"")
+        return await self._advance(stdin_stream)
+
+    async def resume(self, results: list[dict[str, Any]]) -> RunResult | ToolCalls:
+        """Answer the calls of the last pause (``{"ok", "value", "error"}`` each, in their order)."""
+        self.last_answers = results
+        try:
+            await self.kernel.send(protocol.TOOL_RESULT, {"results": results})
+        except KernelDied as died:
+            raise KernelDied(str(died), self._died()) from None
+        return await self._advance(None)
+
+    async def _keep(self, name: str, data: bytes) -> None:
+        room = max(0, self.kernel.output_cap - len(self.captured[name]))
+        kept = data[:room]
+        self.captured[name] += kept
+        if kept and self.on_output is not None:
+            await self.on_output(name, kept)
+        if len(kept) < len(data) and self.interrupted is None:
+            self.interrupted = "output_limit"
+            await self.kernel._interrupt()
+
+    def _tool_calls(self, header: dict[str, Any]) -> ToolCalls | None:
+        """The calls of a TOOL_CALL frame, if this cell has tools and the frame is well formed."""
+        calls, names = header.get("calls"), {tool["name"] for tool in self.tools or ()}
+        if not names or self.interrupted is not None or not isinstance(calls, list):
+            return None
+        if not 0 < len(calls) <= MAX_CALLS_PER_ROUND:
+            return None
+        if not all(isinstance(call, dict) and call.get("name") in names for call in calls):
+            return None
+        return ToolCalls([{"name": call["name"], "input": call.get("input")} for call in calls])
+
+    async def _advance(self, stdin_stream: trio.MemoryReceiveChannel[bytes | None] | None) -> RunResult | ToolCalls:
+        """Run until the cell ends (its RunResult) or pauses for tool calls."""
+        kernel = self.kernel
+        kernel.last_used = began = time.monotonic()
+        deadline = trio.current_time() + max(0.0, self.remaining_s)
+        result: dict[str, Any] | None = None
+        dead: str | None = None
+        closed: set[str] = set()
+        try:
+            async with trio.open_nursery() as feeder:
+                if stdin_stream is not None:
+                    feeder.start_soon(self._forward_stdin, stdin_stream)
+                while True:
+                    with trio.move_on_at(deadline):
+                        try:
+                            event, first, second = await kernel.events.receive()
+                        except trio.EndOfChannel:  # the jail is gone and its pipes were read to the end
+                            dead = dead or "the kernel ended"
+                            break
+                        if event == "out":
+                            was = self.interrupted
+                            await self._keep(first, self.streams[first].feed(second))
+                            if self.interrupted is not None and was is None:
+                                deadline = trio.current_time() + INTERRUPT_GRACE_S
+                        elif event == "closed":
+                            closed.add(first)
+                        elif event == "dead":
+                            dead, deadline = first, trio.current_time() + INTERRUPT_GRACE_S  # the pipes' last bytes
+                        elif event == "frame" and first[0] == protocol.RESULT:
+                            result, deadline = first[1], trio.current_time() + MARKER_WAIT_S
+                        elif event == "frame" and first[0] == protocol.TOOL_CALL and dead is None and result is None:
+                            calls = self._tool_calls(first[1])
+                            if calls is not None:
+                                feeder.cancel_scope.cancel()
+                                return calls
+                        if (result is not None and all(s.found for s in self.streams.values())) or len(closed) == 2:
+                            break
+                        continue
+                    if result is not None or dead is not None:
+                        break  # the markers (or the pipes' ends) did not come in time: what arrived is all
+                    if self.interrupted is not None:  # interrupted, and still going: it goes
+                        await kernel.kill()
+                        dead = f"the run ignored its {self.interrupted}"
+                        deadline = trio.current_time() + INTERRUPT_GRACE_S
+                        continue
+                    self.interrupted = "timeout"
+                    await kernel._interrupt()
+                    deadline = trio.current_time() + INTERRUPT_GRACE_S
+                feeder.cancel_scope.cancel()
+        except* KernelDied as group:  # the kernel stopped reading: it is gone
+            dead = str(group.exceptions[0])
+        finally:
+            kernel.last_used = time.monotonic()
+            self.remaining_s -= kernel.last_used - began
+        for name, scanner in self.streams.items():
+            if not scanner.found:
+                await self._keep(name, scanner.rest())
+        if dead is not None or result is None:
+            kernel.broken = True
+            raise KernelDied(dead or "no result", self._died())
+        return self._result(result)
+
+    def _result(self, result: dict[str, Any]) -> RunResult:
+        exit_code = result.get("exit_code") if isinstance(result.get("exit_code"), int) else 1
+        self.error = str(result["error"])[:1000] if result.get("error") else None
+        status: Status = self.interrupted or ("ok" if exit_code == 0 else "error")
+        notes = []
+        cgroup, limit = self.kernel.cgroup, self.kernel.memory_limit
+        if cgroup is not None and oom_kills(cgroup) > self.oom_before:
+            # A process of the run was killed for memory (a child, say); the kernel itself survived.
+            status = "memory_limit"
+            notes.append(f"A process was killed: the run exceeded the memory limit of {limit >> 20} MiB.")
+        elif self.interrupted == "timeout":
+            notes.append(f"Execution timed out after {self.timeout_s:g} s.")
+        elif self.interrupted == "output_limit":
+            notes.append(f"Output exceeded the limit of {self.kernel.output_cap} bytes per stream; "
+                         "the program was stopped.")  # fmt: skip
+        return RunResult(
+            status=status, exit_code=exit_code, stdout=bytes(self.captured["stdout"]),
+            stderr=bytes(self.captured["stderr"]), truncated=self.interrupted == "output_limit",
+            duration_ms=self.executed_ms, notes=notes,
+        )  # fmt: skip
+
+    @property
+    def executed_ms(self) -> int:
+        """Time spent executing so far, over every round."""
+        return int((self.timeout_s - self.remaining_s) * 1000)
+
+    async def _forward_stdin(self, chunks: trio.MemoryReceiveChannel[bytes | None]) -> None:
+        """Stdin that streams in during the run, as STDIN frames; None is its end. A kernel that stopped
+        reading is the run loop's to notice."""
+        with contextlib.suppress(KernelDied):
+            async for chunk in chunks:
+                if chunk is None:
+                    await self.kernel.send(protocol.STDIN_EOF)
+                    return
+                await self.kernel.send(protocol.STDIN, None, chunk)
+
+    def _died(self) -> RunResult:
+        status: Status = self.interrupted or "error"
+        note = "The Python kernel stopped during the run; variables since the last saved state are lost."
+        cgroup, limit = self.kernel.cgroup, self.kernel.memory_limit
+        if cgroup is not None and oom_kills(cgroup) > self.oom_before:
+            status = "memory_limit"
+            note = (f"The program was killed: it exceeded the memory limit of {limit >> 20} MiB; "
+                    "variables since the last saved state are lost.")  # fmt: skip
+        elif self.interrupted == "timeout":
+            note = f"Execution timed out after {self.timeout_s:g} s; the kernel had to be stopped."
+        return RunResult(
+            status=status, exit_code=None, stdout=bytes(self.captured["stdout"]),
+            stderr=bytes(self.captured["stderr"]), truncated=self.interrupted == "output_limit",
+            duration_ms=self.executed_ms, notes=[note],
+        )  # fmt: skip
 
 
 def _warnings(header: dict[str, Any]) -> list[str]:

@@ -30,6 +30,11 @@ NO_SOURCE = ""  # a kernel has no source file in /mnt/data
 LOST = "The Python kernel stopped after the run: its variables were not saved."
 
 
+def session_key(session: Session) -> str:
+    """The key of a session's live kernel in the pool."""
+    return f"{session.owner}:{session.id}"
+
+
 @dataclass
 class PythonOutcome:
     """What a Python run adds to its reply."""
@@ -46,28 +51,18 @@ class PythonRuns:
     capture_on_error: bool  # STATE_CAPTURE_ON_ERROR
     state_max_bytes: int
 
-    def work(self, job: Job, session: Session, existing: bool, workspace: Workspace, outcome: PythonOutcome) -> Work:
+    def work(
+        self, job: Job, session: Session, existing: bool, workspace: Workspace, outcome: PythonOutcome
+    ) -> Work[RunResult]:
         """The executor work for ``job`` in ``session`` (``existing``: the session is not new)."""
 
         async def steps(on_output: OnOutput | None) -> AsyncGenerator[RunResult, None]:
-            owner, session_id = session.owner, session.id
-            key = f"{owner}:{session_id}"
             lease = job.timeout_s + LOCK_LEASE_EXTRA_S
-            async with self.state.session_lock(owner, session_id, lease_s=lease, wait_s=lease):
-                kernel = await self._kernel_for(key, owner, session_id, existing, outcome)
-                try:
-                    await workspace.stage(kernel.run_dir, NO_SOURCE, kernel.identity, kernel.present)
-                except OSError:  # its jail went away between runs (it died while idle): a fresh kernel
-                    self.pool.discard(kernel)
-                    kernel = await self._kernel_for(key, owner, session_id, existing, outcome)
-                    await workspace.stage(kernel.run_dir, NO_SOURCE, kernel.identity, kernel.present)
-                except BaseException:  # the store failed: the kernel is as it was, and stays the session's
-                    self.pool.keep(key, kernel)
-                    raise
+            async with self.state.session_lock(session.owner, session.id, lease_s=lease, wait_s=lease):
+                kernel = await self.staged_kernel(session, existing, workspace, outcome)
                 try:
                     result = await kernel.run(job.code, job.args, job.stdin, job.timeout_s, on_output, job.stdin_stream)
-                    await workspace.collect(kernel.run_dir, NO_SOURCE)
-                    kernel.present = workspace.present
+                    state = await self.conclude(kernel, result, workspace, outcome)
                 except KernelDied as died:
                     self.pool.discard(kernel)
                     log.info("a kernel died during a run", extra={"fields": {"reason": str(died)}})
@@ -78,22 +73,52 @@ class PythonRuns:
                 except BaseException:
                     self.pool.discard(kernel)
                     raise
-                try:
-                    state = await self._checkpoint(kernel, result, outcome)
-                except KernelDied:  # it died right after the run: the reply stands, the state is the last one
-                    self.pool.discard(kernel)
-                    outcome.state_warnings.append(LOST)
-                    yield result
-                    return
                 yield result
-                if state is not None and self._changed(kernel, state):
-                    kernel.generation = await self.state.save(owner, session_id, state)
-                    kernel.saved = (hashlib.sha256(state).digest(), time.monotonic())
-                self.pool.keep(key, kernel)
+                await self.store(session, kernel, state)
 
         return steps
 
-    async def _kernel_for(self, key: str, owner: str, session_id: str, existing: bool,
+    async def conclude(self, kernel: Kernel, result: RunResult, workspace: Workspace, outcome: PythonOutcome, *,
+                       checkpoint: bool = True) -> bytes | None:  # fmt: skip
+        """After a cell: store its files, then take the checkpoint to store after the reply (None: none).
+
+        A kernel that dies while checkpointing is discarded; the reply stands (``outcome`` says so).
+        """
+        await workspace.collect(kernel.run_dir, NO_SOURCE)
+        kernel.present = workspace.present
+        if not checkpoint:
+            return None
+        try:
+            return await self._checkpoint(kernel, result, outcome)
+        except KernelDied:
+            self.pool.discard(kernel)
+            outcome.state_warnings.append(LOST)
+            return None
+
+    async def store(self, session: Session, kernel: Kernel, state: bytes | None) -> None:
+        """After the reply: store the checkpoint (unless the stored one holds the same bytes), keep the kernel."""
+        if state is not None and kernel.alive and self._changed(kernel, state):
+            kernel.generation = await self.state.save(session.owner, session.id, state)
+            kernel.saved = (hashlib.sha256(state).digest(), time.monotonic())
+        self.pool.keep(session_key(session), kernel)
+
+    async def staged_kernel(self, session: Session, existing: bool, workspace: Workspace,
+                            outcome: PythonOutcome) -> Kernel:  # fmt: skip
+        """The session's kernel (``kernel_for``) with the run's files in its run directory."""
+        key, owner, session_id = session_key(session), session.owner, session.id
+        kernel = await self.kernel_for(key, owner, session_id, existing, outcome)
+        try:
+            await workspace.stage(kernel.run_dir, NO_SOURCE, kernel.identity, kernel.present)
+        except OSError:  # its jail went away between runs (it died while idle): a fresh kernel
+            self.pool.discard(kernel)
+            kernel = await self.kernel_for(key, owner, session_id, existing, outcome)
+            await workspace.stage(kernel.run_dir, NO_SOURCE, kernel.identity, kernel.present)
+        except BaseException:  # the store failed: the kernel is as it was, and stays the session's
+            self.pool.keep(key, kernel)
+            raise
+        return kernel
+
+    async def kernel_for(self, key: str, owner: str, session_id: str, existing: bool,
                           outcome: PythonOutcome) -> Kernel:  # fmt: skip
         """The session's live kernel if it is current, else a pool kernel with the session's checkpoint."""
         generation = await self.state.generation(owner, session_id) if existing else 0

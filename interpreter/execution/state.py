@@ -6,8 +6,10 @@ Keys (``<p>`` the owner's prefix):
                         TTL STATE_TTL_SECONDS from its last save
     gen:<p>:<sid>       the generation: incremented by every checkpoint (DESIGN §4), same TTL
     lock:<p>:<sid>      the run lock: a lease with a random owner token
+    ptcbase:<p>:<run>   the checkpoint a paused programmatic run started from (or ``BLOB``)
     blob state/<p>/<sid>            a checkpoint over STATE_MAX_REDIS_SIZE_MB
     blob state-archive/<p>/<sid>    an archived checkpoint (STATE_ARCHIVE_*)
+    blob state-ptc/<p>/<run>        a large ``ptcbase``
 
 The host never unpickles these bytes: it stores, moves and hands them back to a kernel.
 """
@@ -30,6 +32,20 @@ log = logging.getLogger("interpreter.state")
 
 BLOB_MARKER = b"\x00blob"
 LOCK_POLL_S = (0.005, 0.25)  # first and longest wait between tries of a lock held on another node
+
+
+@dataclass
+class Lease:
+    """A held session lock (``StateStore.acquire``)."""
+
+    name: str
+    token: bytes
+    local: trio.Semaphore
+    released: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"lock:{self.name}"
 
 
 class SessionBusy(ServiceUnavailable):
@@ -57,7 +73,7 @@ class StateStore:
     archive_after_s: float
     archive_ttl_s: float
     archive_enabled: bool = True
-    _local_locks: dict[str, trio.Lock] = field(default_factory=dict, init=False)
+    _local_locks: dict[str, trio.Semaphore] = field(default_factory=dict, init=False)
 
     async def generation(self, owner: str, session_id: str) -> int:
         raw = await self.kv.get(f"gen:{owner}:{session_id}")
@@ -65,43 +81,75 @@ class StateStore:
 
     async def save(self, owner: str, session_id: str, state: bytes) -> int:
         """Store a checkpoint; returns the new generation."""
-        key = f"state:{owner}:{session_id}"
-        if len(state) <= self.kv_max_bytes:
-            await self.kv.set(key, state, ttl_s=self.ttl_s)
-        else:
-            await self.blobs.put(f"state/{owner}/{session_id}", _one_chunk(state))
-            await self.kv.set(key, BLOB_MARKER, ttl_s=self.ttl_s)
+        await self._put(f"state:{owner}:{session_id}", f"state/{owner}/{session_id}", state, self.ttl_s)
         generation = await self.kv.incr(f"gen:{owner}:{session_id}", ttl_s=self.ttl_s)
         await self.kv.expire(f"gen:{owner}:{session_id}", self.ttl_s)
         return generation
 
     async def load(self, owner: str, session_id: str) -> bytes | None:
         """The latest checkpoint: from KV, its blob, or the archive; None when there is none."""
-        raw = await self.kv.get(f"state:{owner}:{session_id}")
-        if raw == BLOB_MARKER:
-            return await _read_all(self.blobs, f"state/{owner}/{session_id}")
-        if raw is not None:
-            return raw
-        return await _read_all(self.blobs, f"state-archive/{owner}/{session_id}") if self.archive_enabled else None
+        state = await self._get(f"state:{owner}:{session_id}", f"state/{owner}/{session_id}")
+        if state is None and self.archive_enabled:
+            return await _read_all(self.blobs, f"state-archive/{owner}/{session_id}")
+        return state
+
+    async def _put(self, key: str, blob_key: str, state: bytes, ttl_s: float) -> None:
+        if len(state) <= self.kv_max_bytes:
+            await self.kv.set(key, state, ttl_s=ttl_s)
+        else:
+            await self.blobs.put(blob_key, _one_chunk(state))
+            await self.kv.set(key, BLOB_MARKER, ttl_s=ttl_s)
+
+    async def _get(self, key: str, blob_key: str) -> bytes | None:
+        raw = await self.kv.get(key)
+        return await _read_all(self.blobs, blob_key) if raw == BLOB_MARKER else raw
+
+    # --- the checkpoint a paused programmatic run started from (DESIGN §4) ---------------------------
+
+    async def pin(self, owner: str, session_id: str, run_id: str, ttl_s: float) -> None:
+        """Keep a copy of the session's current checkpoint for ``run_id`` (a replay starts from it)."""
+        state = await self.load(owner, session_id)
+        if state is not None:
+            await self._put(f"ptcbase:{owner}:{run_id}", f"state-ptc/{owner}/{run_id}", state, ttl_s)
+
+    async def pinned(self, owner: str, run_id: str) -> bytes | None:
+        return await self._get(f"ptcbase:{owner}:{run_id}", f"state-ptc/{owner}/{run_id}")
+
+    async def extend_pin(self, owner: str, run_id: str, ttl_s: float) -> None:
+        await self.kv.expire(f"ptcbase:{owner}:{run_id}", ttl_s)
+
+    async def unpin(self, owner: str, run_id: str) -> None:
+        if await self.kv.take(f"ptcbase:{owner}:{run_id}") == BLOB_MARKER:
+            await self.blobs.delete(f"state-ptc/{owner}/{run_id}")
 
     # --- the run lock ---------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def session_lock(self, owner: str, session_id: str, lease_s: float, wait_s: float) -> AsyncIterator[None]:
-        """Runs of one session one at a time, on this node (a trio lock) and across nodes (a KV lease).
+    async def session_lock(self, owner: str, session_id: str, lease_s: float, wait_s: float) -> AsyncIterator[Lease]:
+        """Runs of one session one at a time, on this node and across nodes (see ``acquire``)."""
+        lease = await self.acquire(owner, session_id, lease_s, wait_s)
+        try:
+            yield lease
+        finally:
+            await self.release(lease)
+
+    async def acquire(self, owner: str, session_id: str, lease_s: float, wait_s: float) -> Lease:
+        """The session's run lock: a local semaphore (no KV polling between runs of one node) and a KV
+        lease with a random token. Any task may release it: a paused programmatic run holds it between
+        requests.
 
         Raises:
             SessionBusy: the session stayed locked for ``wait_s``.
         """
         name = f"{owner}:{session_id}"
-        local = self._local_locks.setdefault(name, trio.Lock())
-        key, token = f"lock:{name}", secrets.token_bytes(16)
+        local = self._local_locks.setdefault(name, trio.Semaphore(1))
+        lease = Lease(name, secrets.token_bytes(16), local)
         try:
             with trio.fail_after(wait_s):
                 await local.acquire()
                 try:
                     pause = LOCK_POLL_S[0]
-                    while not await self.kv.set_nx(key, token, ttl_s=lease_s):
+                    while not await self.kv.set_nx(lease.key, lease.token, ttl_s=lease_s):
                         await trio.sleep(pause)
                         pause = min(pause * 2, LOCK_POLL_S[1])
                 except BaseException:
@@ -109,16 +157,28 @@ class StateStore:
                     raise
         except trio.TooSlowError:
             raise SessionBusy(retry_after_s=2) from None
+        return lease
+
+    async def release(self, lease: Lease) -> None:
+        """Give the lock back (once; later calls do nothing)."""
+        if lease.released:
+            return
+        lease.released = True
         try:
-            yield
+            with trio.move_on_after(5, shield=True), contextlib.suppress(StoreError):
+                await self.kv.delete_if(lease.key, lease.token)
         finally:
-            try:
-                with trio.move_on_after(5, shield=True), contextlib.suppress(StoreError):
-                    await self.kv.delete_if(key, token)
-            finally:
-                local.release()
-                if local.statistics().tasks_waiting == 0:
-                    self._local_locks.pop(name, None)
+            lease.local.release()
+            if lease.local.statistics().tasks_waiting == 0 and lease.local.value == 1:
+                self._local_locks.pop(lease.name, None)
+
+    async def extend(self, lease: Lease, lease_s: float) -> None:
+        """Keep holding the lease for ``lease_s`` from now."""
+        await self.kv.expire(lease.key, lease_s)
+
+    async def break_lease(self, owner: str, session_id: str, token: bytes) -> None:
+        """Drop a lease held under ``token`` by a run this caller now owns (a paused run from another node)."""
+        await self.kv.delete_if(f"lock:{owner}:{session_id}", token)
 
     # --- archival -------------------------------------------------------------------------------------
 

@@ -191,6 +191,10 @@ class RedisKV:
     async def delete_if(self, key: str, value: bytes) -> bool:
         return int(await self._call("delete_if", self._delete_if, keys=[self._key(key)], args=[value])) > 0
 
+    async def take(self, key: str) -> bytes | None:
+        value = await self._call("take", self._client.getdel, self._key(key))
+        return None if value is None else bytes(value)
+
     async def incr(self, key: str, amount: int = 1, *, ttl_s: float | None = None) -> int:
         px = "" if ttl_s is None else str(_milliseconds(ttl_s))
         return int(await self._call("incr", self._incr, keys=[self._key(key)], args=[str(int(amount)), px]))

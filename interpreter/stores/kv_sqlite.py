@@ -110,6 +110,15 @@ class SqliteKV:
 
         return await self._run(op)
 
+    async def take(self, key: str) -> bytes | None:
+        def op() -> bytes | None:
+            with self._db:
+                row = self._db.execute(f"SELECT value FROM kv WHERE key = ? AND {LIVE}", (key, self._now())).fetchone()
+                self._db.execute("DELETE FROM kv WHERE key = ?", (key,))
+                return None if row is None else bytes(row[0])
+
+        return await self._run(op)
+
     async def incr(self, key: str, amount: int = 1, *, ttl_s: float | None = None) -> int:
         def op() -> int:
             with self._db:

@@ -45,6 +45,10 @@ class KV(Protocol):
         """Delete only if the current value equals ``value`` (atomically): releasing a lock one holds."""
         ...
 
+    async def take(self, key: str) -> bytes | None:
+        """Get and delete in one step (atomically, across nodes): claiming a single-use token."""
+        ...
+
     async def incr(self, key: str, amount: int = 1, *, ttl_s: float | None = None) -> int:
         """Add atomically and return the new value; ``ttl_s`` is set when the key is created."""
         ...

@@ -34,6 +34,7 @@ from typing import Any
 
 import protocol
 import state
+import tools
 
 FILENAME = "<code>"
 RUN_DIR = "/mnt/data"
@@ -215,7 +216,12 @@ class Kernel:
         signal.signal(signal.SIGINT, self._on_sigint)
         self.send(protocol.STARTED)
         started = time.monotonic()
-        exit_code = execute(self, str(header.get("code", "")))
+        code = str(header.get("code", ""))
+        bridge = tools.Bridge(self.send, self.tool_results, header["tools"]) if header.get("tools") else None
+        if header.get("lang") == "bash":
+            exit_code, error = self.run_bash(code, sys.argv[1:], bridge)
+        else:
+            exit_code, error = execute(self, code, bridge)
         # A broken figure or a closed stream is the user's business; the run's result still goes back.
         with contextlib.suppress(Exception):
             save_figures()
@@ -227,14 +233,29 @@ class Kernel:
         for fd in (self.stdout_fd, self.stderr_fd):
             with contextlib.suppress(OSError):
                 os.write(fd, marker)
+        duration_ms = int((time.monotonic() - started) * 1000)
         self.send(protocol.RESULT, {"exit_code": exit_code, "status": "ok" if exit_code == 0 else "error",
-                                    "duration_ms": int((time.monotonic() - started) * 1000)})  # fmt: skip
+                                    "error": error, "duration_ms": duration_ms})  # fmt: skip
+
+    def run_bash(self, code: str, args: list[str], bridge: tools.Bridge | None) -> tuple[int, str | None]:
+        """A bash cell (programmatic tool calling): bash runs beside the kernel, the namespace is untouched."""
+        bridge = bridge or tools.Bridge(self.send, self.tool_results, [])
+        self.in_user_code = True
+        try:
+            exit_code = bridge.run_bash(code, args)
+        finally:
+            self.in_user_code = False
+        return exit_code, None if exit_code == 0 else f"bash exited with code {exit_code}"
 
 
-def execute(kernel: Kernel, code: str) -> int:
-    """Run one cell in the user's namespace; returns its exit code (a traceback goes to stderr)."""
+def execute(kernel: Kernel, code: str, bridge: tools.Bridge | None = None) -> tuple[int, str | None]:
+    """Run one cell in the user's namespace: (exit code, a one-line summary of the error if it failed).
+
+    A traceback goes to stderr. With ``bridge``, the tools are bound for this cell only.
+    """
     namespace = kernel.namespace
     linecache.cache[FILENAME] = (len(code), None, code.splitlines(keepends=True), FILENAME)
+    unbind = bridge.bind(namespace) if bridge is not None else None
     try:
         kernel.in_user_code = True
         try:
@@ -249,12 +270,22 @@ def execute(kernel: Kernel, code: str) -> int:
                     sys.displayhook(value)
         finally:
             kernel.in_user_code = False
+            if unbind is not None:
+                unbind()
     except SystemExit as exc:
-        return _exit_status(exc)
+        status = _exit_status(exc)
+        return status, None if status == 0 else f"SystemExit: {exc.code}"
     except BaseException as exc:  # noqa: BLE001 - whatever user code raises is reported, never fatal
         _print_user_traceback(exc)
-        return 1
-    return 0
+        return 1, _summary(exc)
+    return 0, None
+
+
+def _summary(exc: BaseException) -> str:
+    try:
+        return "".join(traceback.format_exception_only(exc)).strip().splitlines()[-1][:1000]
+    except Exception:  # noqa: BLE001 - a broken __str__
+        return type(exc).__name__
 
 
 def _evaluate(code: types.CodeType, namespace: dict[str, Any]) -> Any:

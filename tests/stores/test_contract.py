@@ -124,6 +124,25 @@ async def test_delete_and_delete_if(kv: KV) -> None:
     assert await kv.delete(key) is False
 
 
+async def test_take_hands_a_value_to_exactly_one_caller(kv: KV) -> None:
+    key = unique("token")
+    assert await kv.take(key) is None
+    await kv.set(key, b"once", ttl_s=60)
+    winners: list[bytes | None] = []
+
+    async def claim() -> None:
+        winners.append(await kv.take(key))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(claim)
+    assert sorted(winners, key=lambda value: value or b"") == [None] * 9 + [b"once"]
+    assert await kv.get(key) is None
+    await kv.set(key, b"stale", ttl_s=0.05)
+    await trio.sleep(0.1)
+    assert await kv.take(key) is None  # an expired value is never handed out
+
+
 async def test_incr_is_atomic_and_sets_ttl_on_creation_only(kv: KV) -> None:
     key = unique("counter")
 
