@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -9,10 +10,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 START_TIMEOUT_S = 60
+REPORT = Path(__file__).resolve().parent / "report.json"
 
 
 def free_port() -> int:
@@ -56,3 +59,10 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def write_section(name: str, section: dict[str, Any]) -> None:
+    """Put ``section`` into bench/report.json under ``name``, keeping the other benchmarks' sections."""
+    report = json.loads(REPORT.read_text()) if REPORT.exists() else {}
+    report[name] = section
+    REPORT.write_text(json.dumps(report, indent=2) + "\n")

@@ -29,10 +29,9 @@ from typing import Any
 
 import httpx
 import trio
-from common import free_port, percentile, start_server, stop_server
+from common import free_port, percentile, start_server, stop_server, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
-REPORT = Path(__file__).resolve().parent / "report.json"
 LANGUAGES = ROOT / "sandboxes" / "languages"
 ECHO = "echo hi"
 CONCURRENCY = 10
@@ -326,9 +325,7 @@ def main() -> None:
     remove_cgroup_parents(work / "sb")
     shutil.rmtree(work, ignore_errors=True)
     if codes is None and not args.no_save:
-        report = json.loads(REPORT.read_text()) if REPORT.exists() else {}
-        report["exec"] = section
-        REPORT.write_text(json.dumps(report, indent=2) + "\n")
+        write_section("exec", section)
     summarize(section)
 
 

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import free_port, percentile, start_server, stop_server
+from common import free_port, percentile, start_server, stop_server, write_section
 
-REPORT = Path(__file__).resolve().parent / "report.json"
 REDIS_SERVER = "/usr/bin/redis-server"
 MOTO_SERVER = os.environ.get("MOTO_SERVER_BIN", "/opt/interpreter/moto-venv/bin/moto_server")
 BIG_MIB = 100
@@ -144,9 +143,7 @@ def main() -> None:
                 print(label, json.dumps(section["pairs"][label], indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report = json.loads(REPORT.read_text()) if REPORT.exists() else {}
-    report["files"] = section
-    REPORT.write_text(json.dumps(report, indent=2) + "\n")
+    write_section("files", section)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,7 @@ from pathlib import Path
 
 import httpx
 import trio
-from common import free_port, percentile, start_server
-
-REPORT = Path(__file__).resolve().parent / "report.json"
+from common import free_port, percentile, start_server, write_section
 
 
 def start_timed(port: int, key: str, work: Path) -> tuple[subprocess.Popen[bytes], float]:
@@ -96,9 +94,7 @@ def main() -> None:
         "requests": args.requests,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    report = json.loads(REPORT.read_text()) if REPORT.exists() else {}
-    report["foundation"] = section
-    REPORT.write_text(json.dumps(report, indent=2) + "\n")
+    write_section("foundation", section)
     print(json.dumps(section, indent=2))
 
 

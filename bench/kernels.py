@@ -24,9 +24,8 @@ from typing import Any
 
 import httpx
 import trio
-from common import free_port, percentile, start_server, stop_server
+from common import free_port, percentile, start_server, stop_server, write_section
 
-REPORT = Path(__file__).resolve().parent / "report.json"
 REFERENCE_RUNS_PER_S = 1.2
 POOL_SIZE = 4
 TARGETS = {"live_print_p50_ms": 3.0, "pool_first_run_p50_ms": 15.0, "restore_1mb_p50_ms": 60.0,
@@ -155,9 +154,7 @@ def main() -> None:
         for name, value in measured.items()
     }  # fmt: skip
     print(json.dumps(section, indent=2))
-    report = json.loads(REPORT.read_text()) if REPORT.exists() else {}
-    report["kernels"] = section
-    REPORT.write_text(json.dumps(report, indent=2) + "\n")
+    write_section("kernels", section)
 
 
 if __name__ == "__main__":

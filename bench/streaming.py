@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from common import free_port, percentile, start_server, stop_server
+from common import free_port, percentile, start_server, stop_server, write_section
 from trio_websocket import open_websocket_url
 
-REPORT = Path(__file__).resolve().parent / "report.json"
 TARGET_MS = 50.0
 PROGRAMS = {
     "py": "import time\nfor _ in range({n}):\n    print(repr(time.time()), flush=True)\n    input()",
@@ -68,9 +67,7 @@ def main() -> None:
         stop_server(proc)
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(section, indent=2))
-    report = json.loads(REPORT.read_text()) if REPORT.exists() else {}
-    report["streaming"] = section
-    REPORT.write_text(json.dumps(report, indent=2) + "\n")
+    write_section("streaming", section)
 
 
 if __name__ == "__main__":

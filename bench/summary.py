@@ -92,6 +92,15 @@ def streaming(section: dict[str, Any]) -> list[str]:
     return lines
 
 
+def programmatic(section: dict[str, Any]) -> list[str]:
+    rows = [("first reply of a run (code up to its first tool call)", section["first_reply"]),
+            ("a continuation, answered by the paused kernel", section["live_round"]),
+            ("a continuation replayed in another kernel (as on another node)", section["replayed_round"])]  # fmt: skip
+    lines = ["| programmatic tool calling, over HTTP | p50 | p95 |", "|---|---|---|"]
+    lines += [f"| {label} | {figures['p50_ms']} ms | {figures['p95_ms']} ms |" for label, figures in rows]
+    return [*lines, "", "The reference server waits about 0.5 s for stderr at every pause."]
+
+
 def render(report: dict[str, Any]) -> str:
     parts = []
     if "foundation" in report:
@@ -105,6 +114,9 @@ def render(report: dict[str, Any]) -> str:
     if "streaming" in report:
         measured = f"Measured {report['streaming']['measured_at']} (bench/streaming.py; target: within 50 ms)."
         parts += ["", *streaming(report["streaming"]), "", measured]
+    if "programmatic" in report:
+        measured = f"Measured {report['programmatic']['measured_at']} (bench/programmatic.py)."
+        parts += ["", *programmatic(report["programmatic"]), "", measured]
     if "files" in report:
         parts += ["", *files(report["files"]), "", f"Measured {report['files']['measured_at']} (bench/files.py)."]
     return "\n".join(parts).strip()

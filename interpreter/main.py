@@ -198,6 +198,10 @@ async def kernels_check(pool: KernelPool) -> CheckResult:
     return CheckResult("healthy", stats)
 
 
+async def programmatic_check(engine: Programmatic) -> CheckResult:
+    return CheckResult("healthy", engine.statistics())
+
+
 async def serve(
     settings: Settings,
     *,
@@ -282,6 +286,11 @@ async def serve(
             )
             if execution.kernels is not None:
                 health.register("kernels", partial(kernels_check, execution.kernels), required=False)
+            if deps.programmatic is not None:
+                engine = deps.programmatic
+                health.register("programmatic", partial(programmatic_check, engine), required=False)
+                deps.metrics.gauges.append(Gauge("interpreter_ptc_paused_runs", "Programmatic runs paused on this node",
+                                                 lambda: {(): float(len(engine.paused))}))  # fmt: skip
             deps.metrics.gauges.extend(gauges(execution))
             await _serve_with(deps, execution, board, notifier, hyper, stop_when_triggered, blueprints, task_status)
     log.info("stopped")

@@ -31,7 +31,7 @@ APT_PACKAGES=(
     python3-venv python3-dev build-essential redis-server
     # sandbox language runtimes
     golang-go rustc cargo php-cli r-base-core r-cran-dplyr r-cran-ggplot2 r-cran-data.table
-    gfortran ldc default-jdk-headless g++ gcc bash
+    gfortran ldc default-jdk-headless g++ gcc bash jq
 )
 # What sandboxed Python code can import (DESIGN §3: the kernel imports cloudpickle, numpy, pandas, matplotlib).
 SANDBOX_REQUIREMENTS=(

@@ -13,10 +13,10 @@ import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import trio
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from quart import Blueprint, Response
 
 from interpreter.api.app import current_deps, current_principal
@@ -40,6 +40,15 @@ T = TypeVar("T")
 KEEPALIVE_AFTER_S = 3.0
 KEEPALIVE_EVERY_S = 3.0
 ENTITY_ID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+
+
+def _entity_id(value: str | None) -> str | None:
+    if value is not None and not ENTITY_ID.match(value):
+        raise ValueError("entity_id must be 1-40 characters of letters, digits, _ and -")
+    return value
+
+
+EntityId = Annotated[str | None, AfterValidator(_entity_id)]
 
 
 class FileRef(BaseModel):
@@ -74,15 +83,9 @@ class ExecRequest(BaseModel):
     runtime_session_hint: str | None = Field(None, max_length=512, description="An opaque host key of a session")
     files: list[FileRef] = Field(default_factory=list)
     user_id: str | None = Field(None, max_length=256)
-    entity_id: str | None = None
+    entity_id: EntityId = None
     timeout: int | None = Field(None, ge=1000, le=300_000, description="milliseconds")
 
-    @field_validator("entity_id")
-    @classmethod
-    def _entity(cls, value: str | None) -> str | None:
-        if value is not None and not ENTITY_ID.match(value):
-            raise ValueError("entity_id must be 1-40 characters of letters, digits, _ and -")
-        return value
 
 
 class ExecResponse(BaseModel):

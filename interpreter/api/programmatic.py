@@ -18,7 +18,7 @@ from quart import Blueprint, Response, request
 
 from interpreter.api.app import current_deps, current_principal
 from interpreter.api.bodies import json_body
-from interpreter.api.execute import ENTITY_ID, FileRef, file_limits, reply_with_keepalives
+from interpreter.api.execute import EntityId, FileRef, file_limits, reply_with_keepalives
 from interpreter.api.openapi import documented
 from interpreter.errors import BadRequest, ServiceUnavailable
 from interpreter.execution.executor import clamp_timeout_s
@@ -65,7 +65,7 @@ class ProgrammaticRequest(BaseModel):
     session_id: str | None = None
     runtime_session_hint: str | None = Field(None, max_length=512)
     user_id: str | None = Field(None, max_length=256)
-    entity_id: str | None = None
+    entity_id: EntityId = None
     timeout: int | None = Field(None, ge=1000, le=300_000, description="milliseconds, for the whole run")
     files: list[FileRef] = Field(default_factory=list)
     continuation_token: str | None = Field(None, max_length=256)
@@ -78,13 +78,6 @@ class ProgrammaticRequest(BaseModel):
         if lang not in LANGS:
             raise ValueError(f"lang must be one of {list(LANGS)}, got {value[:20]!r}")
         return lang
-
-    @field_validator("entity_id")
-    @classmethod
-    def _entity(cls, value: str | None) -> str | None:
-        if value is not None and not ENTITY_ID.match(value):
-            raise ValueError("entity_id must be 1-40 characters of letters, digits, _ and -")
-        return value
 
 
 class ToolCall(BaseModel):
@@ -165,7 +158,7 @@ def finisher(metrics: Metrics, principal_id: str) -> Any:
         log.info(
             "programmatic round finished",
             extra={"fields": {"status": reply.status, "language": reply.lang, "principal": principal_id,
-                              "session": reply.session_id, "calls": len(reply.calls), "error": reply.error}},
+                              "session": reply.session_id, "calls": len(reply.calls)}},
         )  # fmt: skip
         return render(reply)
 

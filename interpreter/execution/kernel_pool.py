@@ -27,6 +27,8 @@ from sandboxes.jail import Identity
 
 log = logging.getLogger("interpreter.kernels")
 
+SLOT_WAIT_S = 10  # for a slot of a kernel that is stopping
+
 
 @dataclass(frozen=True)
 class PoolConfig:
@@ -145,12 +147,16 @@ class KernelPool:
             self._slot_freed.set()
 
     async def _take_slot(self) -> int:
+        """A free slot: evicting the least recently used live kernel, or waiting for a stopping one to be gone."""
+        deadline = trio.current_time() + SLOT_WAIT_S
         while not self._free_slots:
-            if not self.live:
+            stopping = any(kernel.broken for kernel in self._running.values())
+            if self.live:
+                self._evict(min(self.live, key=lambda key: self.live[key].last_used))
+            elif not stopping or trio.current_time() > deadline:
                 raise ServiceUnavailable("Every Python kernel is busy; retry shortly", retry_after_s=2)
-            self._evict(min(self.live, key=lambda key: self.live[key].last_used))
             self._slot_freed = trio.Event()
-            with trio.move_on_after(10):
+            with trio.move_on_at(deadline):
                 await self._slot_freed.wait()
         return self._free_slots.pop()
 

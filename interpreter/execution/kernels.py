@@ -35,7 +35,6 @@ MARKER_WAIT_S = 2.0  # after a result, for the output written before it to arriv
 EVENT_BUFFER = 64
 FRAME_MAX = 1024 * 1024  # output and control frames; a state frame may be larger (its own cap)
 LOG_TAIL = 4096
-MAX_CALLS_PER_ROUND = 100
 
 
 class KernelDied(Exception):
@@ -242,9 +241,7 @@ class Cell:
     def _tool_calls(self, header: dict[str, Any]) -> ToolCalls | None:
         """The calls of a TOOL_CALL frame, if this cell has tools and the frame is well formed."""
         calls, names = header.get("calls"), {tool["name"] for tool in self.tools or ()}
-        if not names or self.interrupted is not None or not isinstance(calls, list):
-            return None
-        if not 0 < len(calls) <= MAX_CALLS_PER_ROUND:
+        if not names or self.interrupted is not None or not isinstance(calls, list) or not calls:
             return None
         if not all(isinstance(call, dict) and call.get("name") in names for call in calls):
             return None

@@ -47,7 +47,9 @@ from interpreter.stores.protocols import KV, StoreError
 log = logging.getLogger("interpreter.ptc")
 
 LEASE_EXTRA_S = 120  # beyond a round's budget or a pause: staging, collecting, checkpointing
+TOKEN_GRACE_S = 5  # a paused run's lease outlives its token by this much
 SWEEP_EVERY_S = 2.0
+MAX_CALLS_PER_ROUND = 100
 Status = Literal["tool_call_required", "completed", "error"]
 
 
@@ -158,15 +160,12 @@ class Programmatic:
     # --- the service: paused runs expire, or were continued elsewhere ---------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        """Ready at once. At shutdown paused runs are left as they are in the stores (their kernels stop with
+        the pool): after a restart, or on another node, they continue by replay."""
         task_status.started()
-        try:
-            while True:
-                await trio.sleep(SWEEP_EVERY_S)
-                await self.sweep()
-        finally:
-            with trio.CancelScope(shield=True):
-                for run_id in list(self.paused):
-                    await self._drop(run_id)
+        while True:
+            await trio.sleep(SWEEP_EVERY_S)
+            await self.sweep()
 
     async def sweep(self) -> None:
         now = time.monotonic()
@@ -181,14 +180,16 @@ class Programmatic:
                 await self._drop(run_id)
 
     async def _drop(self, run_id: str) -> None:
-        """End a paused run here: its kernel goes, its lease and pinned checkpoint are released."""
+        """Forget a paused run here: its kernel goes and this node's lease is released. Its pinned checkpoint
+        stays (until its TTL): another node may be replaying the run from it right now."""
         paused = self.paused.pop(run_id, None)
         if paused is None:
             return
         kernel = self.pool.take_live(_park_key(paused.record))
         if kernel is not None:
             self.pool.discard(kernel)
-        await self._release(paused.record, paused.lease)
+        with trio.CancelScope(shield=True):
+            await self.python.state.release(paused.lease)
 
     async def _release(self, record: Record, lease: Lease | None) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(10):
@@ -356,6 +357,9 @@ class Programmatic:
         if len(record.rounds) >= self.max_rounds:
             self.counters["failed"] += 1
             return failed(f"Maximum round trips ({self.max_rounds}) exceeded", session.id)
+        if len(step.calls) > MAX_CALLS_PER_ROUND:
+            self.counters["failed"] += 1
+            return failed(f"Too many tool calls at once ({len(step.calls)}; at most {MAX_CALLS_PER_ROUND})", session.id)
         if await self.kv.get(f"ptccancel:{record.owner}:{record.run}") is not None:
             return failed("The run was cancelled", session.id)
         if record.rounds:
@@ -363,13 +367,15 @@ class Programmatic:
         calls = [{"id": secrets.token_hex(6), "name": call["name"], "input": call["input"]} for call in step.calls]
         record.rounds.append({"calls": calls, "results": None})
         record.remaining_s, record.node = cell.remaining_s, self.node
-        hold_s = self.token_ttl_s + LEASE_EXTRA_S
+        # The lease ends with the token (a continuation extends it at once); the pinned checkpoint lasts a
+        # little longer, for a replay that claimed the token just before it expired.
+        pin_s = self.token_ttl_s + LEASE_EXTRA_S
         if not record.persisted and self.python.persist_state and record.generation > 0:
-            await self.python.state.pin(record.owner, record.session, record.run, hold_s)
+            await self.python.state.pin(record.owner, record.session, record.run, pin_s)
             record.persisted = True
         elif record.persisted:
-            await self.python.state.extend_pin(record.owner, record.run, hold_s)
-        await self.python.state.extend(lease, hold_s)
+            await self.python.state.extend_pin(record.owner, record.run, pin_s)
+        await self.python.state.extend(lease, self.token_ttl_s + TOKEN_GRACE_S)
         token = secrets.token_urlsafe(32)
         token_key = f"ptc:{record.owner}:{_hash(token)}"
         await self.kv.set(token_key, record.dump(), ttl_s=self.token_ttl_s)

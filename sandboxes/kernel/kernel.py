@@ -37,6 +37,7 @@ import state
 import tools
 
 FILENAME = "<code>"
+KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))  # frames from here are never the user's
 RUN_DIR = "/mnt/data"
 HIGH_FD = 100
 NEW_RUN = b"new run"  # a marker in the stdin queue (compared by identity)
@@ -307,7 +308,9 @@ def _print_user_traceback(exc: BaseException) -> None:
     """The traceback without the kernel's own frames (where user code is called, the SIGINT handler)."""
     try:
         summary = traceback.TracebackException.from_exception(exc)
-        summary.stack = traceback.StackSummary.from_list([f for f in summary.stack if f.filename != __file__])
+        summary.stack = traceback.StackSummary.from_list(
+            [f for f in summary.stack if os.path.dirname(f.filename) != KERNEL_DIR]
+        )
         sys.stderr.write("".join(summary.format()))
         sys.stderr.flush()
     except Exception:  # noqa: BLE001 - stderr closed by the user, or a broken __str__

@@ -42,6 +42,9 @@ class ToolError(RuntimeError):
     """A tool call the client reported as failed (``is_error``); user code may catch it."""
 
 
+ToolError.__module__ = "builtins"  # tracebacks say ToolError, not tools.ToolError
+
+
 class Bridge:
     """The tool rounds of one cell."""
 
