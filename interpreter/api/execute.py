@@ -87,7 +87,6 @@ class ExecRequest(BaseModel):
     timeout: int | None = Field(None, ge=1000, le=300_000, description="milliseconds")
 
 
-
 class ExecResponse(BaseModel):
     session_id: str
     files: list[dict[str, Any]]
