@@ -28,7 +28,6 @@ from interpreter.auth.jwt import refresh_forever, verifier_from_settings
 from interpreter.auth.keys import KeyAuthenticator
 from interpreter.auth.managed import ManagedKeys
 from interpreter.errors import SettingsError
-from interpreter.execution.kernel_pool import KernelPool
 from interpreter.execution.programmatic import Programmatic
 from interpreter.execution.python import PythonRuns
 from interpreter.execution.setup import Execution, open_execution, sandbox_check, state_max_bytes
@@ -191,8 +190,12 @@ def gauges(execution: Execution) -> list[Gauge]:
     return found
 
 
-async def kernels_check(pool: KernelPool) -> CheckResult:
-    stats = pool.statistics()
+async def kernels_check(execution: Execution) -> CheckResult:
+    assert execution.kernels is not None
+    stats = execution.kernels.statistics()
+    stats["mode"], stats["mode_reason"] = execution.kernel_mode
+    if execution.zygote is not None:
+        stats["zygote"] = execution.zygote.statistics()
     if stats["start_failures"] and not stats["ready"] and not stats["live"]:
         return CheckResult("degraded", stats, error="Python kernels fail to start")
     return CheckResult("healthy", stats)
@@ -258,6 +261,8 @@ async def serve(
 
     # Outer resources first (STYLE §3): the sandbox host, the asyncio bridge, the stores.
     with open_execution(settings) as execution:
+        log.info("python kernels", extra={"fields": {"mode": execution.kernel_mode[0],
+                                                    "why": execution.kernel_mode[1]}})  # fmt: skip
         async with trio_asyncio.open_loop(), open_stores(settings) as stores:
             health.register("sandbox", partial(sandbox_check, execution))
             register_store_checks(health, stores)
@@ -285,7 +290,7 @@ async def serve(
                 keys=ManagedKeys(stores.kv, rate_limits_enabled=settings.rate_limit_enabled),
             )
             if execution.kernels is not None:
-                health.register("kernels", partial(kernels_check, execution.kernels), required=False)
+                health.register("kernels", partial(kernels_check, execution), required=False)
             if deps.programmatic is not None:
                 engine = deps.programmatic
                 health.register("programmatic", partial(programmatic_check, engine), required=False)
@@ -314,6 +319,8 @@ async def _serve_with(
         cleanup = partial(session_cleanup.run, deps.catalog, settings.session_cleanup_interval_min * 60,
                           settings.enable_orphan_s3_cleanup, (StoreError,))  # fmt: skip
         await services.start(partial(supervise, cleanup, name="session_cleanup", board=board))
+        if execution.zygote is not None:
+            await services.start(partial(supervise, execution.zygote.run, name="zygote", board=board))
         if deps.python is not None:
             await services.start(partial(supervise, deps.python.pool.run, name="kernel_pool", board=board))
             if settings.state_archive_enabled:

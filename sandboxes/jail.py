@@ -187,3 +187,74 @@ def build_kernel_argv(
     # Not exec'd: sh stays pid 1 of the jail, so the kernel and the user's code are never init.
     command = f"{paths.venv}/bin/python -E -s {KERNEL_DIR}/kernel.py {socket_fd}"
     return [*argv, "--", "/bin/sh", "-c", command]
+
+
+# --- the zygote (KERNEL_MODE=zygote) ---------------------------------------------------------------------
+
+# What the zygote itself needs and its children never get: it builds each child's namespaces and mounts.
+ZYGOTE_ALLOWED = frozenset({"mount", "umount", "move_mount", "unshare", "setns"})
+ZYGOTE_SECCOMP_POLICY = (
+    "ERRNO(1) { "
+    + ", ".join(name for name in DENIED_SYSCALLS if name not in ZYGOTE_ALLOWED)
+    + f", ioctl(fd, cmd) {{ (cmd & 0xffffffff) == {TIOCSTI:#x} }}"
+    + f", socket(domain) {{ domain == {AF_VSOCK} || domain == {AF_ALG} }}"
+    + " } ERRNO(38) { clone3 } DEFAULT ALLOW"
+)
+ZYGOTE_THREADS_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def child_seccomp() -> dict[str, object]:
+    """The children's filter, as data for the zygote to compile with libseccomp: the same deny-list as
+    SECCOMP_POLICY (libseccomp spells umount ``umount2``)."""
+    return {
+        "deny": [*DENIED_SYSCALLS, "umount2"],
+        "enosys": ["clone3"],
+        "clone_new_flags": CLONE_NEW_FLAGS,
+        "ioctl_denied": [TIOCSTI],
+        "socket_families": [AF_VSOCK, AF_ALG],
+    }
+
+
+def kernel_env(python: LanguageSpec, paths: RunPaths) -> dict[str, str]:
+    """A zygote child's environment: a kernel's, plus one BLAS thread (the zygote loaded BLAS that way)."""
+    return {**BASE_ENV, **{k: v.format(venv=paths.venv) for k, v in python.env.items()}, **ZYGOTE_THREADS_ENV}
+
+
+def build_zygote_argv(python: LanguageSpec, limits: Limits, paths: RunPaths, *, root_uid: int, slot_uid: int,
+                      slots: int, kernel_dir: Path, control_fd: int, config: str) -> list[str]:  # fmt: skip
+    """The nsjail argv of the zygote: a kernel's jail without a run directory, its root (host ``root_uid``)
+    keeping capabilities in its user namespace to build its children's, and the slot uids mapped 1:1."""
+    argv = [
+        str(paths.nsjail),
+        "--mode", "o",
+        "--hostname", "sandbox",
+        "--user", f"0:{root_uid}:1", "--user", f"{slot_uid}:{slot_uid}:{slots}",
+        "--group", f"0:{root_uid}:1", "--group", f"{slot_uid}:{slot_uid}:{slots}",
+        "--keep_caps",
+        "--cwd", "/",
+        "--bindmount_ro", "/usr",
+        "--tmpfsmount", "/usr/local",
+        "--symlink", "usr/bin:/bin", "--symlink", "usr/lib:/lib", "--symlink", "usr/lib64:/lib64",
+        "--bindmount", "/dev/null", "--bindmount_ro", "/dev/urandom", "--bindmount_ro", "/dev/zero",
+        "--mount", "none:/tmp:tmpfs:size=16777216",
+        "--mount", "none:/dev/shm:tmpfs:size=65536",
+        "--mount", "none:/mnt/data:tmpfs:size=4096",  # a mount point: each child moves its run directory here
+        "--bindmount_ro", str(paths.venv),
+        "--bindmount_ro", f"{kernel_dir}:{KERNEL_DIR}",
+    ]  # fmt: skip
+    for etc in paths.runtime_etc:
+        argv += ["--bindmount_ro", etc]
+    for name in ("passwd", "group", "hosts", "resolv.conf"):
+        argv += ["--bindmount_ro", f"{paths.etc_dir / name}:/etc/{name}"]
+    for key, value in {**kernel_env(python, paths), "MPLCONFIGDIR": "/tmp/.mpl"}.items():
+        argv += ["--env", f"{key}={value}"]
+    argv += [
+        "--time_limit", "0", "--rlimit_cpu", "inf", "--rlimit_as", "inf", "--rlimit_fsize", "inf",
+        "--rlimit_nofile", "1024", "--rlimit_core", "0", "--max_cpus", str(limits.max_cpus),
+        "--seccomp_string", ZYGOTE_SECCOMP_POLICY,
+        "--pass_fd", str(control_fd),
+    ]  # fmt: skip
+    if limits.network:
+        argv.append("--disable_clone_newnet")
+    command = [f"{paths.venv}/bin/python", "-E", "-s", f"{KERNEL_DIR}/zygote.py", str(control_fd), config]
+    return [*argv, "--", *command]

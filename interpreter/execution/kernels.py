@@ -14,6 +14,7 @@ import logging
 import secrets
 import socket
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ from typing import Any
 import trio
 
 from interpreter.errors import ServiceUnavailable
-from interpreter.execution.launcher import Launch, LauncherConfig, discard, prepare
+from interpreter.execution.launcher import Launch, LauncherConfig, discard, prepare, release_paths
 from interpreter.execution.runner import OnOutput, RunResult, Status
+from interpreter.execution.zygote import ForkedJail, ForkedProcess, Zygote, ZygoteUnavailable, make_forked_paths
 from sandboxes.host import RunCgroup, memory_usage, oom_kills
 from sandboxes.jail import Identity, Limits, RunPaths, build_kernel_argv
 from sandboxes.kernel import protocol
@@ -35,6 +37,7 @@ MARKER_WAIT_S = 2.0  # after a result, for the output written before it to arriv
 EVENT_BUFFER = 64
 FRAME_MAX = 1024 * 1024  # output and control frames; a state frame may be larger (its own cap)
 LOG_TAIL = 4096
+CLEANUP_S = 5
 
 
 class KernelDied(Exception):
@@ -62,6 +65,8 @@ class KernelConfig:
     output_cap_bytes: int
     start_timeout_s: float
     state_max_bytes: int
+    zygote: Zygote | None = None  # KERNEL_MODE=zygote (or auto where supported)
+    zygote_fallback: bool = False  # KERNEL_MODE=auto: a fresh nsjail while the zygote is down
 
 
 Event = tuple[str, Any, Any]  # ("frame", (kind, header), payload) | ("out", stream, bytes) | ("closed", stream, None)
@@ -95,7 +100,7 @@ class _Marker:
 
 @dataclass
 class Kernel:
-    launch: Launch
+    launch: Launch | ForkedJail
     stream: trio.SocketStream
     events: trio.MemoryReceiveChannel[Event]
     slot: int
@@ -372,11 +377,65 @@ async def serve_kernel(config: KernelConfig, slot: int, identity: Identity, acti
                        task_status: trio.TaskStatus[Kernel] = trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
     """Start a kernel and keep its jail's pipes drained for as long as it lives (a task per kernel).
 
-    ``started()`` carries the Kernel once it is ready. When it ends, everything of the jail is removed.
+    The kernel is forked by the zygote (KERNEL_MODE=zygote; with ``auto``, a fresh nsjail when the zygote
+    is down) or started in a fresh nsjail. ``started()`` carries the Kernel once it is ready. When it
+    ends, everything of the jail is removed.
 
     Raises:
         KernelStartFailed: the jail or the kernel did not come up within REPL_WARMUP_TIMEOUT_SECONDS.
     """
+    send_events, events = trio.open_memory_channel[Event](EVENT_BUFFER)
+    async with _jail(config, slot, identity, active) as (jail, stream, log_pipe, start):
+        kernel = Kernel(jail, stream, events, slot, identity, config.output_cap_bytes, config.limits.memory_bytes)
+        async with trio.open_nursery() as nursery:
+            if log_pipe is not None:
+                nursery.start_soon(_drain, log_pipe, kernel.log_tail)
+            assert jail.process.stdout is not None
+            assert jail.process.stderr is not None
+            for name, pipe in (("stdout", jail.process.stdout), ("stderr", jail.process.stderr)):
+                nursery.start_soon(_pump, pipe, name, send_events.clone())
+            nursery.start_soon(_read_frames, stream, send_events.clone(), config.state_max_bytes)
+            send_events.close()
+            await start()
+            with trio.move_on_after(config.start_timeout_s) as waiting:
+                try:
+                    await kernel.reply(protocol.READY)
+                except KernelDied:
+                    waiting.cancel()
+            if waiting.cancelled_caught:
+                jail_log = kernel.log_tail.decode(errors="replace")
+                log.error("a kernel did not start", extra={"fields": {"jail_log": jail_log}})
+                raise KernelStartFailed()
+            task_status.started(kernel)
+            try:
+                await jail.process.wait()
+            finally:
+                kernel.broken = True
+                nursery.cancel_scope.cancel()
+
+
+JailParts = tuple["Launch | ForkedJail", trio.SocketStream, "trio.lowlevel.FdStream | None",
+                  Callable[[], Awaitable[None]]]  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def _jail(config: KernelConfig, slot: int, identity: Identity, active: set[Path]) -> AsyncIterator[JailParts]:
+    """The kernel's jail, removed (with everything in it) at the end of the block."""
+    if config.zygote is not None:
+        try:
+            async with _forked(config, config.zygote, slot, identity, active) as parts:
+                yield parts
+            return
+        except ZygoteUnavailable:
+            if not config.zygote_fallback:
+                raise
+            log.warning("the zygote is down: this kernel starts in a fresh nsjail")
+    async with _nsjail(config, identity, active) as parts:
+        yield parts
+
+
+@contextlib.asynccontextmanager
+async def _nsjail(config: KernelConfig, identity: Identity, active: set[Path]) -> AsyncIterator[JailParts]:
     host_end, jail_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     jail_fd = jail_end.fileno()  # the launcher inherits it under the same number
     try:
@@ -392,36 +451,14 @@ async def serve_kernel(config: KernelConfig, slot: int, identity: Identity, acti
                                  socket_fd=jail_fd)  # fmt: skip
         if launch.cgroup is not None:
             launch.cgroup.set_limits(config.limits.memory_bytes, config.limits.pids)
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(host_end))
-        send_events, events = trio.open_memory_channel[Event](EVENT_BUFFER)
-        kernel = Kernel(launch, stream, events, slot, identity, config.output_cap_bytes, config.limits.memory_bytes)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_drain, launch.log_pipe, kernel.log_tail)
-            assert launch.process.stdout is not None
-            assert launch.process.stderr is not None
-            for name, pipe in (("stdout", launch.process.stdout), ("stderr", launch.process.stderr)):
-                nursery.start_soon(_pump, pipe, name, send_events.clone())
-            nursery.start_soon(_read_frames, stream, send_events.clone(), config.state_max_bytes)
-            send_events.close()
+
+        async def start() -> None:
             try:
                 await launch.start(argv)
             finally:
                 launch.close_log_write_end()
-            with trio.move_on_after(config.start_timeout_s) as waiting:
-                try:
-                    await kernel.reply(protocol.READY)
-                except KernelDied:
-                    waiting.cancel()
-            if waiting.cancelled_caught:
-                jail_log = kernel.log_tail.decode(errors="replace")
-                log.error("a kernel did not start", extra={"fields": {"jail_log": jail_log}})
-                raise KernelStartFailed()
-            task_status.started(kernel)
-            try:
-                await launch.process.wait()
-            finally:
-                kernel.broken = True
-                nursery.cancel_scope.cancel()
+
+        yield launch, trio.SocketStream(trio.socket.from_stdlib_socket(host_end)), launch.log_pipe, start
     finally:
         with trio.CancelScope(shield=True):
             host_end.close()
@@ -429,6 +466,60 @@ async def serve_kernel(config: KernelConfig, slot: int, identity: Identity, acti
                 await discard(launch, active)
             except Exception:  # one kernel's cleanup trouble must never take the pool (and every kernel) down
                 log.exception("a kernel's jail could not be cleaned up")
+
+
+@contextlib.asynccontextmanager
+async def _forked(config: KernelConfig, zygote: Zygote, slot: int, identity: Identity,
+                  active: set[Path]) -> AsyncIterator[JailParts]:  # fmt: skip
+    launcher = config.launcher
+    host_end, jail_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    host = trio.socket.from_stdlib_socket(host_end)
+    run_dir: Path | None = None
+    cgroup: RunCgroup | None = None
+    process: ForkedProcess | None = None
+    try:
+        run_id, run_dir, cgroup = make_forked_paths(launcher.layout, launcher.cgroups, identity,
+                                                    launcher.run_dir_bytes, config.limits.memory_bytes,
+                                                    config.limits.pids, active)  # fmt: skip
+        process = await zygote.spawn(slot, run_dir, cgroup, host, jail_end)
+    except OSError as exc:
+        if not isinstance(exc, ZygoteUnavailable):
+            log.error("a zygote kernel did not start", extra={"fields": {
+                "error": str(exc), "zygote_log": zygote.log_tail.decode(errors="replace")[-1000:]}})  # fmt: skip
+        await _forked_cleanup(host, None, run_dir, cgroup, active)
+        if isinstance(exc, ZygoteUnavailable):
+            raise
+        raise KernelStartFailed() from None
+    except BaseException:
+        jail_end.close()
+        await _forked_cleanup(host, None, run_dir, cgroup, active)
+        raise
+    try:
+        yield ForkedJail(run_id, run_dir, cgroup, process), trio.SocketStream(host), None, _nothing
+    finally:
+        await _forked_cleanup(host, process, run_dir, cgroup, active)
+
+
+async def _nothing() -> None:
+    """A forked kernel is running already when its jail exists."""
+
+
+async def _forked_cleanup(host: trio.socket.SocketType, process: ForkedProcess | None, run_dir: Path | None,
+                          cgroup: RunCgroup | None, active: set[Path]) -> None:  # fmt: skip
+    with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_S):
+        host.close()
+        if process is not None:
+            process.kill()
+            await process.wait()
+            process.close()
+            await process.stdout.aclose()
+            await process.stderr.aclose()
+        if run_dir is not None:
+            try:
+                await trio.to_thread.run_sync(release_paths, run_dir, cgroup)
+            except Exception:  # one kernel's cleanup trouble must never take the pool (and every kernel) down
+                log.exception("a kernel's jail could not be cleaned up")
+            active.discard(run_dir)
 
 
 async def _drain(stream: trio.abc.ReceiveStream, tail: bytearray) -> None:

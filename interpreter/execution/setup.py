@@ -13,6 +13,8 @@ from interpreter.execution.kernel_pool import KernelPool, PoolConfig
 from interpreter.execution.kernels import KernelConfig
 from interpreter.execution.launcher import LauncherConfig, LauncherPool
 from interpreter.execution.runner import Runner, RunnerConfig
+from interpreter.execution.zygote import Zygote, ZygoteConfig
+from interpreter.execution.zygote import supported as zygote_supported
 from interpreter.health import CheckResult
 from interpreter.resources import sandboxes_dir
 from interpreter.settings import Settings
@@ -42,6 +44,8 @@ class Execution:
     executor: Executor
     reaper: ReaperConfig
     kernels: KernelPool | None  # None when the py language is missing
+    zygote: Zygote | None = None  # KERNEL_MODE resolved to zygote
+    kernel_mode: tuple[str, str] = ("nsjail", "")  # (mode, why)
 
 
 @contextmanager
@@ -101,30 +105,53 @@ def open_execution(settings: Settings) -> Iterator[Execution]:
         reaper = ReaperConfig(
             runs_dir=layout.runs, cgroups=cgroups, interval_s=settings.sandbox_cleanup_interval_min * 60
         )
-        kernels = None
+        kernels, zygote = None, None
+        mode = kernel_mode(settings)
         if "py" in languages:
+            kernel_limits = runner.limits_for(languages["py"], settings.max_execution_time_s)
+            kernel_paths = RunPaths(nsjail=nsjail, run_dir=layout.runs, etc_dir=layout.etc, venv=settings.sandbox_venv,
+                                    runtime_etc=runner.config.runtime_etc)  # fmt: skip
+            if mode[0] == "zygote":
+                zygote = Zygote(ZygoteConfig(
+                    python=languages["py"], limits=kernel_limits, paths=kernel_paths, kernel_dir=layout.kernel,
+                    base_uid=settings.sandbox_uid, slots=pool.slots, rotate_sessions=settings.zygote_rotate_sessions,
+                    rotate_s=settings.zygote_rotate_min * 60, start_timeout_s=settings.repl_warmup_timeout_s,
+                ))  # fmt: skip
             kernel_config = KernelConfig(
                 launcher=launchers.config,
-                paths=RunPaths(
-                    nsjail=nsjail,
-                    run_dir=layout.runs,
-                    etc_dir=layout.etc,
-                    venv=settings.sandbox_venv,
-                    runtime_etc=runner.config.runtime_etc,
-                ),
+                paths=kernel_paths,
                 python=languages["py"],
                 kernel_dir=layout.kernel,
-                limits=runner.limits_for(languages["py"], settings.max_execution_time_s),
+                limits=kernel_limits,
                 output_cap_bytes=runner.config.output_cap_bytes,
                 start_timeout_s=settings.repl_warmup_timeout_s,
                 state_max_bytes=state_max_bytes(settings),
+                zygote=zygote,
+                zygote_fallback=settings.kernel_mode == "auto",
             )
             kernels = KernelPool(kernel_config, pool, launchers.active)
-        yield Execution(layout, cgroups, languages, runner, executor, reaper, kernels)
+        yield Execution(layout, cgroups, languages, runner, executor, reaper, kernels, zygote, mode)
         if cgroups is not None:
             remove_cgroup_parents(cgroups)
     finally:
         os.close(lock_fd)
+
+
+def kernel_mode(settings: Settings) -> tuple[str, str]:
+    """How Python kernels start (KERNEL_MODE), and why.
+
+    Raises:
+        SettingsError: KERNEL_MODE=zygote on a host that cannot run zygote kernels.
+    """
+    if settings.kernel_mode == "nsjail":
+        return "nsjail", "KERNEL_MODE=nsjail: a fresh nsjail per kernel (maximum isolation, ~0.5 s per start)"
+    missing = zygote_supported()
+    if missing is None:
+        return "zygote", (f"KERNEL_MODE={settings.kernel_mode}: kernels are forked from a pre-imported zygote "
+                          "(a few ms per start)")  # fmt: skip
+    if settings.kernel_mode == "zygote":
+        raise SettingsError(f"KERNEL_MODE=zygote: {missing}")
+    return "nsjail", f"KERNEL_MODE=auto: a fresh nsjail per kernel, because {missing}"
 
 
 def state_max_bytes(settings: Settings) -> int:

@@ -372,13 +372,17 @@ def _close(fd: int) -> None:
         os.close(fd)
 
 
-def main() -> None:
-    sock = socket.socket(fileno=_high(int(sys.argv[1])))
-    kernel = Kernel(sock)
+def serve_on(fd: int) -> None:
+    """Serve the host on the stream socket ``fd`` until it goes away (nsjail's kernels and the zygote's)."""
+    kernel = Kernel(socket.socket(fileno=_high(fd)))
     kernel.prepare_namespace()
     for target in (kernel.receive_frames, kernel.feed_stdin):
         threading.Thread(target=target, daemon=True).start()
     kernel.serve()
+
+
+def main() -> None:
+    serve_on(int(sys.argv[1]))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,170 @@
+"""The zygote: one pre-imported Python per node that forks an isolated kernel for each new session.
+
+Started by the host in a jail of its own as ``python -E -s zygote.py <control fd> <config JSON>``.
+It imports the kernel and the scientific stack, compiles the seccomp filter, freezes its heap
+(``gc.freeze()``: a child's garbage collection then never un-shares the inherited pages) and
+serves the control socket (SOCK_SEQPACKET): each message is a slot number (4 bytes) with four
+file descriptors (the kernel's stdout and stderr pipes, its protocol socket, and its run directory
+as an ``open_tree`` mount). It parses nothing else, holds no secrets, and never touches a
+session's files or code.
+
+Per request it forks a child as pid 1 of a new PID namespace. The child says hello on the protocol
+socket (the host reads its pid from the socket's credentials and moves it into the slot's cgroup
+before anything else happens), waits for "go", isolates itself (``isolation.isolate``), then forks
+the kernel as pid 2 and stays as its init: user code is never pid 1, and when the kernel ends the
+namespace (and anything left in it) ends with it.
+
+Rotation: after ``rotate_sessions`` children or ``rotate_s`` seconds the zygote re-executes itself
+in place (fresh address-space layout and hash secret). It is the jail's pid 1, and exec keeps the
+pid, so live kernels (its children) are not touched.
+"""
+
+from __future__ import annotations
+
+import array
+import gc
+import json
+import os
+import select
+import socket
+import struct
+import sys
+import time
+import traceback
+
+import isolation
+
+FDS_PER_REQUEST = 4  # stdout, stderr, protocol socket, run directory tree
+HELLO, GO = b"h", b"g"
+EXIT_SETUP_FAILED = 70
+
+
+def warm_imports() -> None:
+    """What every kernel would import anyway, once, here (shared copy-on-write by every child)."""
+    import cloudpickle  # noqa: F401
+    import kernel  # noqa: F401
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+    import numpy  # noqa: F401
+    import pandas  # noqa: F401
+    from matplotlib import font_manager
+
+    font_manager.findfont("DejaVu Sans")  # loads the font list once, here
+
+
+def receive(control: socket.socket) -> tuple[bytes, list[int]]:
+    fds = array.array("i")
+    message, ancillary, _, _ = control.recvmsg(64, socket.CMSG_SPACE(FDS_PER_REQUEST * fds.itemsize))
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return message, list(fds)
+
+
+def reap() -> None:
+    """Collect children that ended (sessions' inits; after a re-exec, the previous image's ones too)."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def child(slot: int, fds: list[int], config: dict, program: bytes, keep_closed: list[int]) -> None:
+    """In the forked child: hello, isolation, the kernel as pid 2. Never returns."""
+    stdout_w, stderr_w, sock_fd, tree_fd = fds
+    try:
+        for fd in keep_closed:
+            os.close(fd)
+        hello = socket.socket(fileno=os.dup(sock_fd))
+        hello.sendall(HELLO)
+        if hello.recv(1) != GO:  # the host did not place us in our cgroup: stop here
+            os._exit(EXIT_SETUP_FAILED)
+        hello.close()
+        isolation.isolate(slot, tree_fd, isolation.ChildLimits(**config["limits"]), program)
+        os.environ.clear()
+        os.environ.update(config["env"])
+        null = os.open("/dev/null", os.O_RDONLY)
+        for fd, target in ((null, 0), (stdout_w, 1), (stderr_w, 2)):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.dup2(sock_fd, 3)  # (a no-op when it is 3 already; received fds are never 0-2)
+        os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+    except BaseException:  # noqa: BLE001 - whatever failed, no user code runs; why goes to the zygote's log
+        traceback.print_exc()
+        os._exit(EXIT_SETUP_FAILED)
+    kernel_pid = os.fork()
+    if kernel_pid == 0:
+        run_kernel(3)
+    os.close(3)
+    while True:  # the namespace's init: reap everything, end with the kernel
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            os._exit(0)
+        if pid == kernel_pid:
+            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+def run_kernel(sock_fd: int) -> None:
+    try:
+        import random
+
+        import numpy
+
+        random.seed()  # (Python reseeds at fork too; this makes it explicit)
+        numpy.random.seed()  # the legacy global generator is not reseeded at fork
+        import kernel
+
+        kernel.serve_on(sock_fd)
+    finally:
+        os._exit(0)
+
+
+def serve(control: socket.socket, config: dict, program: bytes) -> None:
+    own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY)
+    started, served = time.monotonic(), 0
+    control.sendall(b"ready")
+    while True:
+        reap()
+        if served >= config["rotate_sessions"] or time.monotonic() - started > config["rotate_s"]:
+            os.set_inheritable(control.fileno(), True)
+            os.execv(sys.executable, [sys.executable, "-E", "-s", os.path.abspath(__file__),
+                                      str(control.fileno()), sys.argv[2]])  # fmt: skip
+        if not select.select([control], [], [], 1.0)[0]:
+            continue
+        message, fds = receive(control)
+        if not message:
+            os._exit(0)  # the host is gone
+        if len(message) != 4 or len(fds) != FDS_PER_REQUEST:
+            for fd in fds:
+                os.close(fd)
+            continue
+        (slot,) = struct.unpack("=I", message)
+        isolation.unshare(isolation.CLONE_NEWPID)  # the next child is pid 1 of a new namespace
+        try:
+            pid = os.fork()
+        except OSError:
+            pid = -1  # the host sees the protocol socket close: the start failed
+        if pid == 0:
+            child(slot, fds, config, program, [control.fileno(), own_pid_ns])
+        isolation.setns(own_pid_ns, isolation.CLONE_NEWPID)
+        for fd in fds:
+            os.close(fd)
+        served += 1
+
+
+def main() -> None:
+    control = socket.socket(fileno=int(sys.argv[1]))
+    config = json.loads(sys.argv[2])
+    program = isolation.compile_seccomp(config["seccomp"])
+    warm_imports()
+    gc.collect()
+    gc.freeze()
+    serve(control, config, program)
+
+
+if __name__ == "__main__":
+    main()
