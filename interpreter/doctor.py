@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from interpreter.execution.setup import pool_config
+from interpreter.errors import SettingsError
+from interpreter.execution.setup import kernel_mode, pool_config
 from interpreter.settings import Settings
 from sandboxes.cgroups import detect_cgroups
 from sandboxes.nsjail import locate_nsjail
@@ -222,6 +223,17 @@ def check_stores(settings: Settings) -> Iterator[Finding]:
         yield Finding("ok", "blob store", f"directory under {settings.data_dir}")
 
 
+def check_kernel_mode(settings: Settings) -> Iterator[Finding]:
+    """How Python kernels will start here (KERNEL_MODE), and why."""
+    try:
+        mode, why = kernel_mode(settings)
+    except SettingsError as exc:
+        yield Finding("fail", "kernel mode", f"{exc}; set KERNEL_MODE=auto or nsjail")
+        return
+    level: Level = "ok" if mode == "zygote" or settings.kernel_mode == "nsjail" else "warn"
+    yield Finding(level, "kernel mode", f"{mode}: {why}")
+
+
 def collect(settings: Settings, *, languages_dir: Path, sandbox_venv: Path) -> list[Finding]:
     checks: list[Callable[[], Iterator[Finding]]] = [
         lambda: check_nsjail(settings),
@@ -230,6 +242,7 @@ def collect(settings: Settings, *, languages_dir: Path, sandbox_venv: Path) -> l
         lambda: check_sandbox_venv(settings, sandbox_venv),
         lambda: check_directories(settings),
         lambda: check_uid_range(settings),
+        lambda: check_kernel_mode(settings),
         lambda: check_stores(settings),
     ]
     return [finding for check in checks for finding in check()]

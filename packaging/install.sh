@@ -32,6 +32,8 @@ APT_PACKAGES=(
     # sandbox language runtimes
     golang-go rustc cargo php-cli r-base-core r-cran-dplyr r-cran-ggplot2 r-cran-data.table
     gfortran ldc default-jdk-headless g++ gcc bash jq
+    # zygote kernels: children compile their seccomp filter with it
+    libseccomp2
 )
 # What sandboxed Python code can import (DESIGN §3: the kernel imports cloudpickle, numpy, pandas, matplotlib).
 SANDBOX_REQUIREMENTS=(

@@ -42,10 +42,11 @@ class PoolConfig:
     idle_ttl_s: float
     base_uid: int
     keep_live: bool = True  # REPL_ENABLED=false: a kernel serves one run only
+    spare: int = 1  # slots beyond live and ready kernels: new kernels start while evicted ones are cleaned up
 
     @property
     def slots(self) -> int:
-        return self.max_live + self.size + 1
+        return self.max_live + self.size + self.spare
 
 
 class KernelPool:

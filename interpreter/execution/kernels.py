@@ -221,7 +221,10 @@ class Cell:
         # The stdin given up front rides with the run; what streams in follows as STDIN frames.
         header = {"code": code, "args": list(args), "marker": self.marker, "stdin_eof": stdin_stream is None,
                   "lang": lang, "tools": self.tools or []}  # fmt: skip
-        await self.kernel.send(protocol.RUN, header, stdin or b"")
+        try:
+            await self.kernel.send(protocol.RUN, header, stdin or b"")
+        except KernelDied as died:  # it died while idle, between being taken and this run
+            raise KernelDied(str(died), self._died()) from None
         return await self._advance(stdin_stream)
 
     async def resume(self, results: list[dict[str, Any]]) -> RunResult | ToolCalls:

@@ -171,6 +171,8 @@ def pool_config(settings: Settings) -> PoolConfig:
         idle_ttl_s=settings.sandbox_ttl_min * 60,
         base_uid=settings.sandbox_uid,
         keep_live=settings.repl_enabled,
+        # One per run slot and as many again: a burst of new sessions never waits for evictions to finish.
+        spare=2 * default_concurrency(settings.max_concurrent_runs, os.cpu_count()),
     )
 
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from interpreter import __version__
-from interpreter.doctor import collect
+from interpreter.doctor import check_kernel_mode, collect
 from interpreter.resources import sandboxes_dir
 from interpreter.settings import load_settings
 from tests.conftest import TEST_KEY, ServerProcess, cli_env, free_port, make_settings
@@ -42,6 +42,7 @@ def test_doctor_runs_a_real_jail_and_reports_each_runtime(work_dir: Path) -> Non
     assert findings["nsjail"].level == "ok"
     assert findings["namespaces"].level == "ok", findings["namespaces"].message
     assert findings["cgroups"].level == "ok", findings["cgroups"].message
+    assert findings["kernel mode"].message.startswith("zygote: KERNEL_MODE=auto: kernels are forked")
     runtimes = {check for check in findings if check.startswith("runtime ")}
     assert runtimes == {
         f"runtime {code}" for code in ["py", "js", "ts", "go", "java", "c", "cpp", "php", "rs", "r", "f90", "d", "bash"]
@@ -49,6 +50,13 @@ def test_doctor_runs_a_real_jail_and_reports_each_runtime(work_dir: Path) -> Non
     if os.environ.get("CI") == "true":  # the install script puts every runtime in place
         missing = {check: f.message for check, f in findings.items() if f.level == "fail"}
         assert missing == {}
+
+
+def test_doctor_explains_the_kernel_mode_chosen() -> None:
+    explained = {mode: next(check_kernel_mode(load_settings({"KERNEL_MODE": mode}, env_file=None)))
+                 for mode in ("auto", "zygote", "nsjail")}  # fmt: skip
+    assert [explained[mode].level for mode in ("auto", "zygote", "nsjail")] == ["ok", "ok", "ok"]
+    assert explained["nsjail"].message.startswith("nsjail: KERNEL_MODE=nsjail: a fresh nsjail per kernel")
 
 
 def test_doctor_fails_and_explains_a_missing_nsjail(work_dir: Path) -> None:

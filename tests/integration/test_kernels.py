@@ -22,9 +22,10 @@ from tests.conftest import ServerProcess, serving
 pytestmark = pytest.mark.nsjail
 
 
-@pytest.fixture(scope="module")
-def kernels() -> Iterator[ServerProcess]:
-    with serving("interp-kernels-", MAX_EXECUTION_TIME="20") as instance:
+@pytest.fixture(scope="module", params=["zygote", "nsjail"])
+def kernels(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """A server per KERNEL_MODE: kernels forked by the zygote, or each in a fresh nsjail."""
+    with serving("interp-kernels-", MAX_EXECUTION_TIME="20", KERNEL_MODE=request.param) as instance:
         yield instance
 
 

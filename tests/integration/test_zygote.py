@@ -1,0 +1,60 @@
+"""The zygote's life: it rotates without touching live kernels, and one that dies is replaced while the
+sessions of its kernels come back from their checkpoints. (Kernels themselves are tested in both modes in
+test_kernels.py; attacks in tests/exploits/.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ServerProcess, serving
+
+pytestmark = pytest.mark.nsjail
+
+ROTATE_AFTER = 3
+
+
+def zygote(server: ServerProcess) -> dict[str, Any]:
+    services = httpx.get(f"{server.url}/health/detailed", headers=server.headers, timeout=10).json()["services"]
+    found: dict[str, Any] = services["kernels"]["details"]["zygote"]
+    return found
+
+
+def wait_for(server: ServerProcess, condition: Any, timeout_s: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while not condition(state := zygote(server)):
+        assert time.monotonic() < deadline, state
+        time.sleep(0.1)
+    return state
+
+
+def test_rotation_re_executes_the_zygote_and_keeps_live_kernels() -> None:
+    with serving("interp-zygote-rot-", KERNEL_MODE="zygote", ZYGOTE_ROTATE_SESSIONS=str(ROTATE_AFTER),
+                 SANDBOX_POOL_PY="0") as server:  # fmt: skip
+        kept = server.exec("x = 'alive'\nprint(hash('same text'))", "py")
+        before = wait_for(server, lambda z: z["ready"])
+        for _ in range(ROTATE_AFTER):
+            server.exec("print(1)", "py")
+        after = wait_for(server, lambda z: z["ready"] and z["rotations"] >= 1)
+        assert after["pid"] == before["pid"]  # re-executed in place: still the jail's pid 1
+        again = server.exec("print(x)", "py", session_id=kept["session_id"])
+        assert (again["stdout"], again["runtime_status"]) == ("alive\n", "reused")  # its live kernel lived on
+        fresh = server.exec("print(hash('same text'))", "py")
+        assert fresh["stdout"] != kept["stdout"].split("\n", 1)[1]  # a new image: a new hash secret
+
+
+def test_a_dead_zygote_is_replaced_and_its_sessions_restored() -> None:
+    with serving("interp-zygote-kill-", KERNEL_MODE="zygote") as server:
+        kept = server.exec("x = 'checkpointed'", "py")
+        first = wait_for(server, lambda z: z["ready"])
+        os.kill(first["pid"], signal.SIGKILL)  # its jail, and every kernel it forked, go with it
+        wait_for(server, lambda z: z["ready"] and z["pid"] != first["pid"])
+        again = server.exec("print(x)", "py", session_id=kept["session_id"])
+        assert (again["stdout"], again["runtime_status"]) == ("checkpointed\n", "restored")
+        assert server.exec("print('new')", "py")["stdout"] == "new\n"
+        assert zygote(server)["started"] == 2
