@@ -2,8 +2,9 @@
 
 - **Ready kernels** (SANDBOX_POOL_PY) are started before they are needed, in batches of
   SANDBOX_POOL_PARALLEL_BATCH. Taking one is the event that refills the pool (no polling); batches
-  are at least SANDBOX_POOL_REPLENISH_INTERVAL apart; with SANDBOX_POOL_EXHAUSTION_TRIGGER=false a
-  miss does not trigger a refill either. A miss starts a kernel on the spot.
+  are at least SANDBOX_POOL_REPLENISH_INTERVAL apart, except that an exhausted pool refills at once
+  (SANDBOX_POOL_EXHAUSTION_TRIGGER; with false, a miss does not trigger a refill either). A miss
+  starts a kernel on the spot.
 - **Live kernels** stay bound to their session after a run (a kernel never serves two sessions),
   or to a programmatic run paused in them, until idle for SANDBOX_TTL_MINUTES, within
   MAX_LIVE_KERNELS and KERNEL_MEMORY_BUDGET_MB; the least recently used go first.
@@ -92,12 +93,19 @@ class KernelPool:
             await self._wanted.wait()
             self._wanted = trio.Event()
             while (missing := self.config.size - len(self._ready) - self._starting) > 0 and self._free_slots:
-                await trio.sleep_until(last_batch + self.config.spacing_s)
+                await self._spacing(last_batch + self.config.spacing_s)
                 last_batch = trio.current_time()
                 count = min(missing, self.config.batch, len(self._free_slots))
                 async with trio.open_nursery() as batch:
                     for _ in range(count):
                         batch.start_soon(self._start_ready)
+
+    async def _spacing(self, until: float) -> None:
+        """Wait until ``until``, or until the pool is exhausted (then at once, with the exhaustion trigger)."""
+        while trio.current_time() < until and (self._ready or not self.config.exhaustion_trigger):
+            self._wanted = trio.Event()
+            with trio.move_on_at(until):
+                await self._wanted.wait()  # set by every take: the pool may be empty now
 
     async def _start_ready(self) -> None:
         self._starting += 1
@@ -145,7 +153,8 @@ class KernelPool:
         finally:
             self._running.pop(slot, None)
             self._free_slots.append(slot)
-            self._slot_freed.set()
+            self._slot_freed.set()  # wakes every task waiting for a slot; later waiters wait on a new event
+            self._slot_freed = trio.Event()
 
     async def _take_slot(self) -> int:
         """A free slot: evicting the least recently used live kernel, or waiting for a stopping one to be gone."""
@@ -156,9 +165,9 @@ class KernelPool:
                 self._evict(min(self.live, key=lambda key: self.live[key].last_used))
             elif not stopping or trio.current_time() > deadline:
                 raise ServiceUnavailable("Every Python kernel is busy; retry shortly", retry_after_s=2)
-            self._slot_freed = trio.Event()
+            freed = self._slot_freed
             with trio.move_on_at(deadline):
-                await self._slot_freed.wait()
+                await freed.wait()
         return self._free_slots.pop()
 
     async def take(self) -> Kernel:

@@ -166,10 +166,12 @@ class Kernel:
             await self.send(protocol.INTERRUPT)
 
     async def checkpoint(self, max_bytes: int) -> tuple[bytes | None, list[str]]:
-        """(opaque state, warnings). None when the state is over ``max_bytes`` (a warning says so)."""
+        """(opaque state, warnings). None when the state is over ``max_bytes`` (a warning says so), or when
+        there are no variables and no checkpoint yet (a restore would give just that: nothing to store)."""
         await self.send(protocol.CHECKPOINT, {"max_bytes": max_bytes})
         header, payload = await self.reply(protocol.STATE)
-        return (payload if header.get("saved") else None), _warnings(header)
+        nothing_new = header.get("variables") == 0 and self.generation == 0
+        return (payload if header.get("saved") and not nothing_new else None), _warnings(header)
 
     async def restore(self, state: bytes) -> list[str]:
         await self.send(protocol.RESTORE, None, state)

@@ -193,12 +193,12 @@ class Kernel:
             if kind == protocol.RUN:
                 self.run(header)
             elif kind == protocol.CHECKPOINT:
-                blob, warnings = state.capture(self.namespace, self.preloaded, LazyModule)
+                blob, warnings, count = state.capture(self.namespace, self.preloaded, LazyModule)
                 limit = int(header.get("max_bytes", 0)) or len(blob)
                 if len(blob) > limit:
                     warnings.append(f"the variables take {len(blob)} bytes saved, over the limit of {limit}: not saved")
                     blob = b""
-                self.send(protocol.STATE, {"warnings": warnings, "saved": bool(blob)}, blob)
+                self.send(protocol.STATE, {"warnings": warnings, "saved": bool(blob), "variables": count}, blob)
             elif kind == protocol.RESTORE:
                 warnings = state.restore(self.namespace, payload)
                 self.send(protocol.RESULT, {"status": "ok", "exit_code": 0, "warnings": warnings})

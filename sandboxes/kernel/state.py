@@ -23,8 +23,9 @@ def _skipped(name: str, value: Any, preloaded: dict[str, Any], lazy_type: type) 
     return name in preloaded and preloaded[name] is value
 
 
-def capture(namespace: dict[str, Any], preloaded: dict[str, Any], lazy_type: type) -> tuple[bytes, list[str]]:
-    """(compressed checkpoint, warnings about what could not be kept)."""
+def capture(namespace: dict[str, Any], preloaded: dict[str, Any],
+            lazy_type: type) -> tuple[bytes, list[str], int]:  # fmt: skip
+    """(compressed checkpoint, warnings about what could not be kept, how many variables it holds)."""
     import cloudpickle
 
     parts: dict[str, bytes] = {}
@@ -36,7 +37,7 @@ def capture(namespace: dict[str, Any], preloaded: dict[str, Any], lazy_type: typ
             parts[name] = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # noqa: BLE001 - anything unpicklable is reported, not fatal
             warnings.append(f"{name}: not saved ({type(exc).__name__}: {str(exc)[:MAX_WARNING]})")
-    return zlib.compress(pickle.dumps(parts, protocol=pickle.HIGHEST_PROTOCOL), 1), warnings
+    return zlib.compress(pickle.dumps(parts, protocol=pickle.HIGHEST_PROTOCOL), 1), warnings, len(parts)
 
 
 def restore(namespace: dict[str, Any], blob: bytes) -> list[str]:

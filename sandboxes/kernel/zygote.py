@@ -9,10 +9,11 @@ as an ``open_tree`` mount). It parses nothing else, holds no secrets, and never 
 session's files or code.
 
 Per request it forks a child as pid 1 of a new PID namespace. The child says hello on the protocol
-socket (the host reads its pid from the socket's credentials and moves it into the slot's cgroup
-before anything else happens), waits for "go", isolates itself (``isolation.isolate``), then forks
-the kernel as pid 2 and stays as its init: user code is never pid 1, and when the kernel ends the
-namespace (and anything left in it) ends with it.
+socket (the host reads its pid from the socket's credentials and moves it into the kernel's cgroup),
+isolates itself meanwhile (``isolation.isolate``: nothing of it is user-controlled, and it allocates
+next to nothing), waits for "go" (placed), then forks the kernel as pid 2, which inherits the cgroup,
+and stays as its init: user code is never pid 1, and when the kernel ends the namespace (and anything
+left in it) ends with it.
 
 Rotation: after ``rotate_sessions`` children or ``rotate_s`` seconds the zygote re-executes itself
 in place (fresh address-space layout and hash secret). It is the jail's pid 1, and exec keeps the
@@ -47,11 +48,12 @@ def warm_imports() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot
-    import numpy  # noqa: F401
+    import numpy
     import pandas  # noqa: F401
     from matplotlib import font_manager
 
     font_manager.findfont("DejaVu Sans")  # loads the font list once, here
+    numpy.random.seed(0)  # the legacy generator's first seeding builds its state (~10 ms); children reseed it
 
 
 def receive(control: socket.socket) -> tuple[bytes, list[int]]:
@@ -79,11 +81,11 @@ def child(slot: int, fds: list[int], config: dict, program: bytes, keep_closed: 
         for fd in keep_closed:
             os.close(fd)
         hello = socket.socket(fileno=os.dup(sock_fd))
-        hello.sendall(HELLO)
-        if hello.recv(1) != GO:  # the host did not place us in our cgroup: stop here
+        hello.sendall(HELLO)  # the host places us in our cgroup meanwhile (an RCU wait on cgroup v1)
+        isolation.isolate(slot, tree_fd, isolation.ChildLimits(**config["limits"]), program)
+        if hello.recv(1) != GO:  # not placed: no kernel, no user code
             os._exit(EXIT_SETUP_FAILED)
         hello.close()
-        isolation.isolate(slot, tree_fd, isolation.ChildLimits(**config["limits"]), program)
         os.environ.clear()
         os.environ.update(config["env"])
         null = os.open("/dev/null", os.O_RDONLY)
