@@ -101,6 +101,23 @@ def programmatic(section: dict[str, Any]) -> list[str]:
     return [*lines, "", "The reference server waits about 0.5 s for stderr at every pause."]
 
 
+def zygote(section: dict[str, Any]) -> list[str]:
+    modes = ("zygote", "nsjail")
+    rows = [("new session `print(1)` p50 / p95 (sequential, over HTTP)",
+             lambda m: f"{m['new_session_p50_ms']} / {m['new_session_p95_ms']} ms"),
+            ("new sessions per second, concurrency 1", lambda m: f"{m['new_sessions_per_s_c1']}"),
+            ("... concurrency 4", lambda m: f"{m['new_sessions_per_s_c4']}"),
+            ("... concurrency 10", lambda m: f"{m['new_sessions_per_s_c10']}"),
+            ("CPU per new session (whole machine, concurrency 10)", lambda m: f"{m['cpu_ms_per_new_session']} ms"),
+            ("unique memory per idle kernel", lambda m: f"{m['idle_kernel_unique_mib']} MiB")]  # fmt: skip
+    lines = ["| new Python sessions | KERNEL_MODE=zygote | KERNEL_MODE=nsjail |", "|---|---|---|"]
+    lines += [f"| {label} | " + " | ".join(cell(section[mode]) for mode in modes) + " |" for label, cell in rows]
+    lines += ["", "| target (issue) | measured | met |", "|---|---|---|"]
+    for name, target in section["targets"].items():
+        lines.append(f"| {name} {target['target']} | {target['measured']} | {'yes' if target['met'] else 'no'} |")
+    return lines
+
+
 def render(report: dict[str, Any]) -> str:
     parts = []
     if "foundation" in report:
@@ -111,6 +128,10 @@ def render(report: dict[str, Any]) -> str:
     if "kernels" in report:
         measured = f"Measured {report['kernels']['measured_at']} (bench/kernels.py)."
         parts += ["", *kernels(report["kernels"]), "", measured]
+    if "zygote" in report:
+        measured = (f"Measured {report['zygote']['measured_at']} (bench/zygote.py; zygote throughput is the median "
+                    "of three runs each).")  # fmt: skip
+        parts += ["", *zygote(report["zygote"]), "", measured]
     if "streaming" in report:
         measured = f"Measured {report['streaming']['measured_at']} (bench/streaming.py; target: within 50 ms)."
         parts += ["", *streaming(report["streaming"]), "", measured]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from interpreter.errors import SettingsError
 from interpreter.execution.executor import Executor, default_concurrency
@@ -107,6 +107,10 @@ def open_execution(settings: Settings) -> Iterator[Execution]:
         )
         kernels, zygote = None, None
         mode = kernel_mode(settings)
+        if mode[0] == "zygote":
+            # The replenish interval spreads out cold starts (~0.5 s of CPU each); a zygote kernel costs a
+            # fork, so the pool refills as soon as a kernel is taken.
+            pool = replace(pool, spacing_s=0.0)
         if "py" in languages:
             kernel_limits = runner.limits_for(languages["py"], settings.max_execution_time_s)
             kernel_paths = RunPaths(nsjail=nsjail, run_dir=layout.runs, etc_dir=layout.etc, venv=settings.sandbox_venv,
