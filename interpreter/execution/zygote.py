@@ -253,7 +253,13 @@ class Zygote:
             jail_end.close()
         stdout, stderr = trio.lowlevel.FdStream(stdout_r), trio.lowlevel.FdStream(stderr_r)
         try:
-            pidfd = await _admit(host_end, cgroup, self.config.base_uid + 1)
+            with trio.fail_after(self.config.start_timeout_s):
+                pidfd = await _admit(host_end, cgroup, self.config.base_uid + 1)
+        except trio.TooSlowError:
+            with trio.CancelScope(shield=True):
+                await stdout.aclose()
+                await stderr.aclose()
+            raise OSError("the zygote child did not say hello in time") from None
         except BaseException:
             with trio.CancelScope(shield=True):
                 await stdout.aclose()
