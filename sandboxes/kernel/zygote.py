@@ -151,7 +151,10 @@ def serve(control: socket.socket, config: dict, program: bytes) -> None:
         except OSError:
             pid = -1  # the host sees the protocol socket close: the start failed
         if pid == 0:
-            child(slot, fds, config, program, [control.fileno(), own_pid_ns])
+            try:
+                child(slot, fds, config, program, [control.fileno(), own_pid_ns])
+            finally:
+                os._exit(EXIT_SETUP_FAILED)  # a child never returns into the zygote's loop
         isolation.setns(own_pid_ns, isolation.CLONE_NEWPID)
         for fd in fds:
             os.close(fd)
