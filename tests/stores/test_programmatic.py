@@ -348,3 +348,19 @@ def test_a_run_continues_after_a_restart(bases: tuple[Path, Path]) -> None:
         run_elsewhere(node, node, restart)
     finally:
         node.stop()
+
+
+def test_a_run_whose_paused_kernel_was_evicted_is_replayed_on_the_same_node() -> None:
+    # MAX_LIVE_KERNELS=0: a parked kernel is evicted at once, so every continuation replays here, under the
+    # lease the paused run still holds.
+    with serving("interp-ptc-evict-", **SETTINGS, MAX_LIVE_KERNELS="0") as node:
+        first = ptc(
+            node, code="print('start')\na = await t(n=1)\nb = await t(n=2)\nprint(a + b)", tools=[{"name": "t"}]
+        )
+        second = answer(node, first, lambda call: call["input"]["n"] * 10)
+        assert names(second) == [("t", {"n": 2})]
+        done = answer(node, second, lambda call: call["input"]["n"] * 10)
+        assert (done["status"], done["stdout"]) == ("completed", "start\n30\n")
+        stats = httpx.get(f"{node.url}/health/detailed", headers=node.headers).json()["services"]["programmatic"]
+        assert stats["details"]["replayed"] == 2
+        assert node.exec("print(a, b)", "py", session_id=done["session_id"], timeout_s=15)["stdout"] == "10 20\n"
