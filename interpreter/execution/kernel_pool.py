@@ -23,7 +23,7 @@ from typing import NoReturn
 import trio
 
 from interpreter.errors import ServiceUnavailable
-from interpreter.execution.kernels import Kernel, KernelConfig, KernelStartFailed, serve_kernel
+from interpreter.execution.kernels import Kernel, KernelConfig, serve_kernel
 from sandboxes.jail import Identity
 
 log = logging.getLogger("interpreter.kernels")
@@ -111,8 +111,8 @@ class KernelPool:
         self._starting += 1
         try:
             self._ready.append(await self.start())
-        except KernelStartFailed:
-            pass  # logged; the next trigger tries again
+        except ServiceUnavailable:  # it did not start (logged), or the zygote is down: the next trigger tries again
+            pass
         finally:
             self._starting -= 1
 
@@ -140,7 +140,7 @@ class KernelPool:
         identity = Identity(self.config.base_uid + 2 + slot, self.config.base_uid + 2 + slot)
         try:
             kernel: Kernel = await self._nursery.start(partial(self._kernel_task, slot, identity))
-        except KernelStartFailed:
+        except ServiceUnavailable:  # KernelStartFailed, or the zygote is down
             self.counters["start_failures"] += 1
             raise
         self.counters["started"] += 1

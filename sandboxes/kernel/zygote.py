@@ -54,6 +54,25 @@ def warm_imports() -> None:
 
     font_manager.findfont("DejaVu Sans")  # loads the font list once, here
     numpy.random.seed(0)  # the legacy generator's first seeding builds its state (~10 ms); children reseed it
+    warm_paths()
+
+
+def warm_paths() -> None:
+    """Go once through what every kernel does (parse, compile, run, checkpoint, frame), so the caches those
+    build on first use are made here and shared, not made again in each child's private memory."""
+    import ast
+
+    import kernel
+    import protocol
+    import state
+
+    tree = ast.parse("value = sum(range(3))\nvalue", mode="exec")
+    namespace: dict = {}
+    exec(compile(tree, "<code>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT), namespace)
+    state.capture({"value": namespace["value"]}, {}, kernel.LazyModule)
+    frame = protocol.encode(protocol.RESULT, {"exit_code": 0}, b"")
+    _, _, header_length = protocol.decode_prefix(frame[: protocol.PREFIX.size], len(frame))
+    protocol.decode_body(frame[protocol.PREFIX.size :], header_length)
 
 
 def receive(control: socket.socket) -> tuple[bytes, list[int]]:

@@ -7,11 +7,16 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import trio
 
+from interpreter.errors import ServiceUnavailable
+from interpreter.execution.setup import open_execution
+from interpreter.settings import load_settings
 from tests.conftest import ServerProcess, serving
 
 pytestmark = pytest.mark.nsjail
@@ -58,3 +63,21 @@ def test_a_dead_zygote_is_replaced_and_its_sessions_restored() -> None:
         assert (again["stdout"], again["runtime_status"]) == ("checkpointed\n", "restored")
         assert server.exec("print('new')", "py")["stdout"] == "new\n"
         assert zygote(server)["started"] == 2
+
+
+async def test_a_zygote_that_is_not_up_fails_kernel_starts_not_the_pool(work_dir: Path) -> None:
+    """KERNEL_MODE=zygote and no zygote: starts are refused with a 503, refills give up quietly, and the pool
+    (with every live kernel it holds) keeps running."""
+    settings = load_settings({"SANDBOX_BASE_DIR": str(work_dir / "sb"), "DATA_DIR": str(work_dir / "data"),
+                              "KERNEL_MODE": "zygote", "REPL_WARMUP_TIMEOUT_SECONDS": "0.5",
+                              "SANDBOX_POOL_WARMUP_ON_STARTUP": "true"}, env_file=None)  # fmt: skip
+    with open_execution(settings) as execution:
+        pool = execution.kernels
+        assert pool is not None
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.run)  # the zygote's own service is never started
+            with pytest.raises(ServiceUnavailable):
+                await pool.take()
+            await trio.sleep(1.5)  # the warm-up's refills fail meanwhile
+            assert pool.statistics()["start_failures"] >= 2
+            nursery.cancel_scope.cancel()
