@@ -264,10 +264,14 @@ async def start_run(
     return deps.executor.submit(work, on_output), context  # 503 here, before any byte of a reply
 
 
+def count_run(metrics: Metrics, language: str, result: RunResult) -> None:
+    metrics.runs.inc(language=language, status=result.status)
+    metrics.run_seconds.observe(result.duration_ms / 1000, language=language)
+
+
 def log_run(result: RunResult, context: RunContext) -> None:
     """The run's log line and metrics (called from streamed bodies too: no app context needed)."""
-    context.metrics.runs.inc(language=context.language, status=result.status)
-    context.metrics.run_seconds.observe(result.duration_ms / 1000, language=context.language)
+    count_run(context.metrics, context.language, result)
     log.info(
         "run finished",
         extra={"fields": {"language": context.language, "status": result.status, "exit_code": result.exit_code,

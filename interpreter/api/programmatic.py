@@ -11,18 +11,19 @@ from __future__ import annotations
 import keyword
 import logging
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from quart import Blueprint, Response, request
 
-from interpreter.api.app import current_deps, current_principal
+from interpreter.api.app import AppDeps, current_deps, current_principal
 from interpreter.api.bodies import json_body
-from interpreter.api.execute import EntityId, FileRef, file_limits, reply_with_keepalives
+from interpreter.api.execute import EntityId, FileRef, count_run, file_limits, reply_with_keepalives
 from interpreter.api.openapi import documented
 from interpreter.errors import BadRequest, ServiceUnavailable
 from interpreter.execution.executor import clamp_timeout_s
-from interpreter.execution.programmatic import INVALID_TOKEN, Program, Reply, Tool, failed
+from interpreter.execution.programmatic import INVALID_TOKEN, Program, Programmatic, Reply, Tool, failed
 from interpreter.execution.python import PythonOutcome
 from interpreter.execution.sessions import resolve_session
 from interpreter.execution.workspace import plan_workspace
@@ -150,11 +151,16 @@ def render(reply: Reply) -> dict[str, Any]:
     ).model_dump()  # fmt: skip
 
 
-def finisher(metrics: Metrics, principal_id: str) -> Any:
+def _engine(deps: AppDeps) -> Programmatic:
+    if deps.programmatic is None:
+        raise ServiceUnavailable("Programmatic tool calling needs the Python sandbox, which is not available")
+    return deps.programmatic
+
+
+def finisher(metrics: Metrics, principal_id: str) -> Callable[[Reply], dict[str, Any]]:
     def finish(reply: Reply) -> dict[str, Any]:
         if reply.result is not None:
-            metrics.runs.inc(language=reply.lang, status=reply.result.status)
-            metrics.run_seconds.observe(reply.result.duration_ms / 1000, language=reply.lang)
+            count_run(metrics, reply.lang, reply.result)
         log.info(
             "programmatic round finished",
             extra={"fields": {"status": reply.status, "language": reply.lang, "principal": principal_id,
@@ -178,9 +184,7 @@ def finisher(metrics: Metrics, principal_id: str) -> Any:
 async def programmatic() -> Response | dict[str, Any]:
     body = await json_body(ProgrammaticRequest)
     deps, principal = current_deps(), current_principal()
-    engine = deps.programmatic
-    if engine is None:
-        raise ServiceUnavailable("Programmatic tool calling needs the Python sandbox, which is not available")
+    engine = _engine(deps)
     request_id = (request.headers.get(REQUEST_ID_HEADER) or "")[:256] or None
     finish = finisher(deps.metrics, principal.id)
     if body.continuation_token is not None:
@@ -224,8 +228,5 @@ async def cancel() -> dict[str, Any]:
             "A request_id is needed",
             details=[{"field": "request_id", "message": "give request_id or the header", "code": "missing"}],
         )
-    deps = current_deps()
-    if deps.programmatic is None:
-        raise ServiceUnavailable("Programmatic tool calling needs the Python sandbox, which is not available")
-    cancelled = await deps.programmatic.cancel(current_principal().storage_prefix, request_id)
+    cancelled = await _engine(current_deps()).cancel(current_principal().storage_prefix, request_id)
     return {"request_id": request_id, "cancelled": cancelled}

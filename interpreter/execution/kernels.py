@@ -22,9 +22,17 @@ from typing import Any
 import trio
 
 from interpreter.errors import ServiceUnavailable
-from interpreter.execution.launcher import Launch, LauncherConfig, discard, prepare, release_paths
+from interpreter.execution.launcher import (
+    Launch,
+    LauncherConfig,
+    discard,
+    drain_tail,
+    make_run_paths,
+    prepare,
+    release_paths,
+)
 from interpreter.execution.runner import OnOutput, RunResult, Status
-from interpreter.execution.zygote import ForkedJail, ForkedProcess, Zygote, ZygoteUnavailable, make_forked_paths
+from interpreter.execution.zygote import ForkedJail, ForkedProcess, Zygote, ZygoteUnavailable
 from sandboxes.host import RunCgroup, memory_usage, oom_kills
 from sandboxes.jail import Identity, Limits, RunPaths, build_kernel_argv
 from sandboxes.kernel import protocol
@@ -36,7 +44,6 @@ INTERRUPT_GRACE_S = 1.0
 MARKER_WAIT_S = 2.0  # after a result, for the output written before it to arrive
 EVENT_BUFFER = 64
 FRAME_MAX = 1024 * 1024  # output and control frames; a state frame may be larger (its own cap)
-LOG_TAIL = 4096
 CLEANUP_S = 5
 
 
@@ -161,7 +168,7 @@ class Kernel:
         assert isinstance(outcome, RunResult)
         return outcome
 
-    async def _interrupt(self) -> None:
+    async def interrupt(self) -> None:
         with contextlib.suppress(KernelDied):
             await self.send(protocol.INTERRUPT)
 
@@ -246,7 +253,7 @@ class Cell:
             await self.on_output(name, kept)
         if len(kept) < len(data) and self.interrupted is None:
             self.interrupted = "output_limit"
-            await self.kernel._interrupt()
+            await self.kernel.interrupt()
 
     def _tool_calls(self, header: dict[str, Any]) -> ToolCalls | None:
         """The calls of a TOOL_CALL frame, if this cell has tools and the frame is well formed."""
@@ -303,7 +310,7 @@ class Cell:
                         deadline = trio.current_time() + INTERRUPT_GRACE_S
                         continue
                     self.interrupted = "timeout"
-                    await kernel._interrupt()
+                    await kernel.interrupt()
                     deadline = trio.current_time() + INTERRUPT_GRACE_S
                 feeder.cancel_scope.cancel()
         except* KernelDied as group:  # the kernel stopped reading: it is gone
@@ -394,7 +401,7 @@ async def serve_kernel(config: KernelConfig, slot: int, identity: Identity, acti
         kernel = Kernel(jail, stream, events, slot, identity, config.output_cap_bytes, config.limits.memory_bytes)
         async with trio.open_nursery() as nursery:
             if log_pipe is not None:
-                nursery.start_soon(_drain, log_pipe, kernel.log_tail)
+                nursery.start_soon(drain_tail, log_pipe, kernel.log_tail)
             assert jail.process.stdout is not None
             assert jail.process.stderr is not None
             for name, pipe in (("stdout", jail.process.stdout), ("stderr", jail.process.stderr)):
@@ -483,9 +490,8 @@ async def _forked(config: KernelConfig, zygote: Zygote, slot: int, identity: Ide
     cgroup: RunCgroup | None = None
     process: ForkedProcess | None = None
     try:
-        run_id, run_dir, cgroup = make_forked_paths(launcher.layout, launcher.cgroups, identity,
-                                                    launcher.run_dir_bytes, config.limits.memory_bytes,
-                                                    config.limits.pids, active)  # fmt: skip
+        run_id, run_dir, cgroup = make_run_paths(launcher, active, identity, config.limits.memory_bytes,
+                                                 config.limits.pids)  # fmt: skip
         process = await zygote.spawn(slot, run_dir, cgroup, host, jail_end)
     except OSError as exc:
         if not isinstance(exc, ZygoteUnavailable):
@@ -525,14 +531,6 @@ async def _forked_cleanup(host: trio.socket.SocketType, process: ForkedProcess |
             except Exception:  # one kernel's cleanup trouble must never take the pool (and every kernel) down
                 log.exception("a kernel's jail could not be cleaned up")
             active.discard(run_dir)
-
-
-async def _drain(stream: trio.abc.ReceiveStream, tail: bytearray) -> None:
-    """Read a jail pipe to its end, keeping the last bytes for diagnostics (an unread pipe would block nsjail)."""
-    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        while chunk := await stream.receive_some(65536):
-            tail += chunk
-            del tail[: max(0, len(tail) - LOG_TAIL)]
 
 
 async def _pump(stream: trio.abc.ReceiveStream, name: str, events: trio.MemorySendChannel[Event]) -> None:

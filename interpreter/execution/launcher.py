@@ -8,6 +8,7 @@ request's path. The executor keeps one ready per run slot and makes a new one as
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -72,16 +73,9 @@ async def prepare(
 
     ``identity`` owns the run directory (default: the config's); ``pass_fds`` reach nsjail (kernels' sockets).
     """
-    identity = identity or config.identity
-    run_id = secrets.token_hex(8)
-    run_dir = config.layout.runs / run_id
-    active.add(run_dir)  # before it exists: the reaper never takes it for a leftover
-    cgroup: RunCgroup | None = None
+    run_id, run_dir, cgroup = make_run_paths(config, active, identity or config.identity, config.memory_bytes,
+                                             config.pids)  # fmt: skip
     try:
-        run_dir.mkdir(mode=0o700)
-        mount_tmpfs(run_dir, config.run_dir_bytes, identity.uid, identity.gid)
-        if config.cgroups is not None:
-            cgroup = create_run_cgroup(config.cgroups, f"run-{run_id}", config.memory_bytes, config.pids)
         argv_read, argv_write = os.pipe()
         log_read, log_write = os.pipe()
         try:
@@ -105,6 +99,38 @@ async def prepare(
             await trio.to_thread.run_sync(release_paths, run_dir, cgroup)
         active.discard(run_dir)
         raise
+
+
+def make_run_paths(config: LauncherConfig, active: set[Path], identity: Identity, memory_bytes: int,
+                   pids: int) -> tuple[str, Path, RunCgroup | None]:  # fmt: skip
+    """A new run directory (a mounted tmpfs owned by ``identity``) and run cgroup with these limits.
+
+    The directory is in ``active`` before it exists (the reaper never takes it for a leftover); on failure
+    whatever was made is removed again.
+    """
+    run_id = secrets.token_hex(8)
+    run_dir = config.layout.runs / run_id
+    active.add(run_dir)
+    cgroup: RunCgroup | None = None
+    try:
+        run_dir.mkdir(mode=0o700)
+        mount_tmpfs(run_dir, config.run_dir_bytes, identity.uid, identity.gid)
+        if config.cgroups is not None:
+            cgroup = create_run_cgroup(config.cgroups, f"run-{run_id}", memory_bytes, pids)
+    except BaseException:
+        release_paths(run_dir, cgroup)
+        active.discard(run_dir)
+        raise
+    return run_id, run_dir, cgroup
+
+
+async def drain_tail(stream: trio.abc.ReceiveStream, tail: bytearray, keep: int = 4096) -> None:
+    """Read a pipe to its end, keeping its last ``keep`` bytes for diagnostics (an unread pipe would block
+    its writer: nsjail, or the zygote)."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        while chunk := await stream.receive_some(65536):
+            tail += chunk
+            del tail[: max(0, len(tail) - keep)]
 
 
 def release_paths(run_dir: Path, cgroup: RunCgroup | None) -> None:

@@ -22,7 +22,6 @@ import ctypes
 import json
 import logging
 import os
-import secrets
 import signal
 import socket
 import struct
@@ -34,8 +33,9 @@ from typing import NoReturn
 import trio
 
 from interpreter.errors import ServiceUnavailable
-from sandboxes.host import HostLayout, RunCgroup, create_run_cgroup, mount_tmpfs
-from sandboxes.jail import Cgroups, Identity, Limits, RunPaths, build_zygote_argv, child_seccomp, kernel_env
+from interpreter.execution.launcher import drain_tail
+from sandboxes.host import RunCgroup
+from sandboxes.jail import Limits, RunPaths, build_zygote_argv, child_seccomp, kernel_env
 from sandboxes.kernel.isolation import ChildLimits
 from sandboxes.languages import LanguageSpec
 
@@ -47,7 +47,6 @@ AT_FDCWD = -100
 ZYGOTE_OOM_SCORE_ADJ = "-500"  # the kernels' OOM victims come first; the zygote is every new session
 KERNEL_OOM_SCORE_ADJ = "0"
 RESTART_DELAY_S = (0.5, 30.0)
-LOG_TAIL = 4096
 UCRED = struct.Struct("iII")  # pid, uid, gid
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -191,7 +190,7 @@ class Zygote:
         try:
             async with trio.open_nursery() as nursery:
                 assert process.stdout is not None
-                nursery.start_soon(_drain, process.stdout, self.log_tail)
+                nursery.start_soon(drain_tail, process.stdout, self.log_tail)
                 nursery.start_soon(self._listen, control)
                 await process.wait()
                 nursery.cancel_scope.cancel()
@@ -209,9 +208,10 @@ class Zygote:
             message, ancillary, _, _ = await control.recvmsg(64, socket.CMSG_SPACE(UCRED.size))
             if not message:
                 return
-            pid = _sender_pid(ancillary)
-            if message != b"ready" or pid is None:
+            credentials = _credentials(ancillary)
+            if message != b"ready" or credentials is None:
                 continue
+            pid = credentials[0]
             with contextlib.suppress(OSError):
                 await trio.Path(f"/proc/{pid}/oom_score_adj").write_text(ZYGOTE_OOM_SCORE_ADJ)
             self.counters["rotations" if self.pid == pid else "started"] += 1
@@ -302,28 +302,3 @@ def _credentials(ancillary: list[tuple[int, int, bytes]]) -> tuple[int, int, int
             pid, uid, gid = UCRED.unpack(data[: UCRED.size])
             return pid, uid, gid
     return None
-
-
-def _sender_pid(ancillary: list[tuple[int, int, bytes]]) -> int | None:
-    credentials = _credentials(ancillary)
-    return credentials[0] if credentials is not None else None
-
-
-def make_forked_paths(layout: HostLayout, cgroups: Cgroups | None, identity: Identity, run_dir_bytes: int,
-                      memory_bytes: int, pids: int, active: set[Path],
-                      ) -> tuple[str, Path, RunCgroup | None]:  # fmt: skip
-    """A kernel's run directory (mounted tmpfs) and cgroup, as for any kernel, without a launcher."""
-    run_id = secrets.token_hex(8)
-    run_dir = layout.runs / run_id
-    active.add(run_dir)
-    run_dir.mkdir(mode=0o700)
-    mount_tmpfs(run_dir, run_dir_bytes, identity.uid, identity.gid)
-    cgroup = create_run_cgroup(cgroups, f"run-{run_id}", memory_bytes, pids) if cgroups is not None else None
-    return run_id, run_dir, cgroup
-
-
-async def _drain(stream: trio.abc.ReceiveStream, tail: bytearray) -> None:
-    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        while chunk := await stream.receive_some(65536):
-            tail += chunk
-            del tail[: max(0, len(tail) - LOG_TAIL)]
