@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+import trio
 
 START_TIMEOUT_S = 60
 REPORT = Path(__file__).resolve().parent / "report.json"
@@ -66,3 +71,50 @@ def write_section(name: str, section: dict[str, Any]) -> None:
     report = json.loads(REPORT.read_text()) if REPORT.exists() else {}
     report[name] = section
     REPORT.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def figures(samples: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(statistics.median(samples), 1), "p95_ms": round(percentile(samples, 0.95), 1)}
+
+
+@contextmanager
+def serving(work: Path, extra: dict[str, str] | None = None) -> Iterator[tuple[str, str]]:
+    """A server with these settings in a directory of its own under ``work``: (its URL, its key)."""
+    key, port = secrets.token_hex(16), free_port()
+    node = work / f"node-{port}"
+    node.mkdir(mode=0o755)
+    proc = start_server(port, key, node, extra)
+    try:
+        yield f"http://127.0.0.1:{port}", key
+    finally:
+        stop_server(proc)
+
+
+def busy_jiffies() -> int:
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(fields) - fields[3] - fields[4]  # everything but idle and iowait
+
+
+async def new_session_throughput(url: str, key: str, total: int, concurrency: int) -> tuple[float, int, int]:
+    """New sessions of `print(1)` (no session_id), ``concurrency`` at a time: (per second, errors, busy jiffies
+    of the whole machine meanwhile)."""
+    done = errors = 0
+
+    async def worker(http: httpx.AsyncClient) -> None:
+        nonlocal done, errors
+        while done + errors < total:
+            reply = await http.post("/exec", json={"lang": "py", "code": "print(1)"})
+            if reply.status_code == 200 and reply.json().get("stdout") == "1\n":
+                done += 1
+            else:
+                errors += 1
+                if errors <= 3:
+                    print("error:", reply.status_code, reply.text[:300], file=sys.stderr)
+
+    async with httpx.AsyncClient(base_url=url, headers={"x-api-key": key}, timeout=300) as http:
+        before, started = busy_jiffies(), time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(worker, http)
+        elapsed, used = time.perf_counter() - started, busy_jiffies() - before
+    return done / elapsed, errors, used

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import shutil
 import statistics
 import tempfile
@@ -24,16 +23,12 @@ from typing import Any
 
 import httpx
 import trio
-from common import free_port, percentile, start_server, stop_server, write_section
+from common import figures, new_session_throughput, serving, write_section
 
 REFERENCE_RUNS_PER_S = 1.2
 POOL_SIZE = 4
 TARGETS = {"live_print_p50_ms": 3.0, "pool_first_run_p50_ms": 15.0, "restore_1mb_p50_ms": 60.0,
            "new_session_runs_per_s_c10": 5 * REFERENCE_RUNS_PER_S}  # fmt: skip
-
-
-def figures(samples: list[float]) -> dict[str, float]:
-    return {"p50_ms": round(statistics.median(samples), 1), "p95_ms": round(percentile(samples, 0.95), 1)}
 
 
 def kernel_stats(http: httpx.Client) -> dict[str, Any]:
@@ -97,36 +92,14 @@ def restore(url: str, key: str, runs: int) -> dict[str, Any]:
 
 
 async def throughput(url: str, key: str, total: int, concurrency: int) -> dict[str, Any]:
-    done, errors = 0, 0
-
-    async def worker(http: httpx.AsyncClient) -> None:
-        nonlocal done, errors
-        while done + errors < total:
-            reply = await http.post("/exec", json={"lang": "py", "code": "print(1)"})
-            if reply.status_code == 200 and reply.json()["stdout"] == "1\n":
-                done += 1
-            else:
-                errors += 1
-
-    async with httpx.AsyncClient(base_url=url, headers={"x-api-key": key}, timeout=300) as http:
-        started = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for _ in range(concurrency):
-                nursery.start_soon(worker, http)
-        elapsed = time.perf_counter() - started
-    return {"new_session_runs_per_s_c10": round(done / elapsed, 2), "throughput_errors": errors}
+    rate, errors, _ = await new_session_throughput(url, key, total, concurrency)
+    return {"new_session_runs_per_s_c10": round(rate, 2), "throughput_errors": errors}
 
 
 def with_server(work: Path, extra: dict[str, str], measure: Any) -> dict[str, Any]:
-    key, port = secrets.token_hex(16), free_port()
-    node = work / f"node-{port}"
-    node.mkdir(mode=0o755)
-    proc = start_server(port, key, node, extra)
-    try:
-        result: dict[str, Any] = measure(f"http://127.0.0.1:{port}", key)
+    with serving(work, extra) as (url, key):
+        result: dict[str, Any] = measure(url, key)
         return result
-    finally:
-        stop_server(proc)
 
 
 def main() -> None:

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import shutil
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,14 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import free_port, percentile, start_server, stop_server, write_section
+from common import figures, serving, write_section
 
 CODE = "for i in range(4):\n    await step(i=i)"
 REPLAYED = "first = await step(i=0)\nsecond = await step(i=1)"
-
-
-def figures(samples: list[float]) -> dict[str, float]:
-    return {"p50_ms": round(statistics.median(samples), 1), "p95_ms": round(percentile(samples, 0.95), 1)}
 
 
 def timed_post(http: httpx.Client, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
@@ -83,13 +77,9 @@ def replayed(http: httpx.Client, runs: int) -> dict[str, Any]:
 
 
 def with_server(work: Path, extra: dict[str, str], body: Callable[[httpx.Client], dict[str, Any]]) -> dict[str, Any]:
-    port, key = free_port(), secrets.token_hex(16)
-    proc = start_server(port, key, work, {"SANDBOX_POOL_PY": "2", **extra})
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"x-api-key": key}, timeout=60) as http:
-            return body(http)
-    finally:
-        stop_server(proc)
+    with (serving(work, {"SANDBOX_POOL_PY": "2", **extra}) as (url, key),
+          httpx.Client(base_url=url, headers={"x-api-key": key}, timeout=60) as http):  # fmt: skip
+        return body(http)
 
 
 def main() -> None:

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,15 +23,10 @@ from typing import Any
 
 import httpx
 import trio
-from common import free_port, percentile, start_server, stop_server, write_section
+from common import new_session_throughput, percentile, serving, write_section
 
 TARGETS = {"new_session_p50_ms": 15.0, "new_sessions_per_s_c10": 60.0, "idle_kernel_unique_mib": 5.0}
 IDLE_KERNELS = 8
-
-
-def busy_jiffies() -> int:
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return sum(fields) - fields[3] - fields[4]  # everything but idle and iowait
 
 
 def unique_mib(pids: list[int]) -> float:
@@ -63,61 +56,30 @@ def sequential(http: httpx.Client, runs: int) -> list[float]:
     return samples
 
 
-async def throughput(url: str, key: str, total: int, concurrency: int) -> tuple[float, int, int]:
-    """(sessions per second, errors, busy jiffies used)."""
-    done = errors = 0
-
-    async def worker(http: httpx.AsyncClient) -> None:
-        nonlocal done, errors
-        while done + errors < total:
-            reply = await http.post("/exec", json={"lang": "py", "code": "print(1)"})
-            if reply.status_code == 200 and reply.json().get("stdout") == "1\n":
-                done += 1
-            else:
-                errors += 1
-                if errors <= 3:
-                    print("error:", reply.status_code, reply.text[:300], file=sys.stderr)
-
-    async with httpx.AsyncClient(base_url=url, headers={"x-api-key": key}, timeout=300) as http:
-        before, started = busy_jiffies(), time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for _ in range(concurrency):
-                nursery.start_soon(worker, http)
-        elapsed, used = time.perf_counter() - started, busy_jiffies() - before
-    return done / elapsed, errors, used
-
-
 def measure(mode: str, work: Path, runs: int, sessions: int, repeats: int) -> dict[str, Any]:
-    key, port = secrets.token_hex(16), free_port()
-    node = work / mode
-    node.mkdir(mode=0o755)
-    proc = start_server(port, key, node, {"KERNEL_MODE": mode})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=url, headers={"x-api-key": key}, timeout=300) as http:
-            sequential(http, 3)  # warm up (the zygote's first start, caches)
-            latency = sequential(http, runs)
-            section: dict[str, Any] = {"new_session_p50_ms": round(statistics.median(latency), 1),
-                                       "new_session_p95_ms": round(percentile(latency, 0.95), 1)}  # fmt: skip
-            for concurrency in (1, 4, 10):
-                count = sessions if concurrency > 1 else max(20, sessions // 5)
-                # The machine is shared: each figure is the median of `repeats` runs, all of them kept.
-                runs = [trio.run(throughput, url, key, count, concurrency) for _ in range(repeats)]
-                rates = sorted(round(rate, 1) for rate, _, _ in runs)
-                section[f"new_sessions_per_s_c{concurrency}"] = statistics.median(rates)
-                section[f"new_sessions_per_s_c{concurrency}_runs"] = rates
-                section[f"errors_c{concurrency}"] = sum(errors for _, errors, _ in runs)
-                if concurrency == 10:
-                    ticks = statistics.median(used for _, _, used in runs)  # 100 Hz
-                    section["cpu_ms_per_new_session"] = round(ticks * 1000 / 100 / max(1, count), 1)
-            http.post("/exec", json={"lang": "py", "code": "1"})
-            time.sleep(2)  # idle: nothing running, pools refilled
-            details = http.get("/health/detailed").json()["services"]["kernels"]["details"]
-            unique = [unique_mib(kernel_pids(run_id)) for run_id in details["run_ids"][:IDLE_KERNELS]]
-            section["idle_kernel_unique_mib"] = round(statistics.median(unique), 1) if unique else None
-            return section
-    finally:
-        stop_server(proc)
+    with (serving(work, {"KERNEL_MODE": mode}) as (url, key),
+          httpx.Client(base_url=url, headers={"x-api-key": key}, timeout=300) as http):  # fmt: skip
+        sequential(http, 3)  # warm up (the zygote's first start, caches)
+        latency = sequential(http, runs)
+        section: dict[str, Any] = {"new_session_p50_ms": round(statistics.median(latency), 1),
+                                   "new_session_p95_ms": round(percentile(latency, 0.95), 1)}  # fmt: skip
+        for concurrency in (1, 4, 10):
+            count = sessions if concurrency > 1 else max(20, sessions // 5)
+            # The machine is shared: each figure is the median of `repeats` runs, all of them kept.
+            trials = [trio.run(new_session_throughput, url, key, count, concurrency) for _ in range(repeats)]
+            rates = sorted(round(rate, 1) for rate, _, _ in trials)
+            section[f"new_sessions_per_s_c{concurrency}"] = statistics.median(rates)
+            section[f"new_sessions_per_s_c{concurrency}_runs"] = rates
+            section[f"errors_c{concurrency}"] = sum(errors for _, errors, _ in trials)
+            if concurrency == 10:
+                ticks = statistics.median(used for _, _, used in trials)  # 100 Hz
+                section["cpu_ms_per_new_session"] = round(ticks * 1000 / 100 / max(1, count), 1)
+        http.post("/exec", json={"lang": "py", "code": "1"})
+        time.sleep(2)  # idle: nothing running, pools refilled
+        details = http.get("/health/detailed").json()["services"]["kernels"]["details"]
+        unique = [unique_mib(kernel_pids(run_id)) for run_id in details["run_ids"][:IDLE_KERNELS]]
+        section["idle_kernel_unique_mib"] = round(statistics.median(unique), 1) if unique else None
+        return section
 
 
 def main() -> None:
