@@ -27,6 +27,8 @@ from interpreter.auth.failures import FailureLimiter, parse_networks
 from interpreter.auth.jwt import refresh_forever, verifier_from_settings
 from interpreter.auth.keys import KeyAuthenticator
 from interpreter.auth.managed import ManagedKeys
+from interpreter.egress.proxy import Resolver, system_resolver
+from interpreter.egress.service import SandboxNetwork, open_network
 from interpreter.errors import SettingsError
 from interpreter.execution.programmatic import Programmatic
 from interpreter.execution.python import PythonRuns
@@ -201,6 +203,10 @@ async def kernels_check(execution: Execution) -> CheckResult:
     return CheckResult("healthy", stats)
 
 
+async def egress_check(network: SandboxNetwork) -> CheckResult:
+    return CheckResult("healthy", {**network.describe(), **network.proxy.statistics()})
+
+
 async def programmatic_check(engine: Programmatic) -> CheckResult:
     return CheckResult("healthy", engine.statistics())
 
@@ -211,6 +217,7 @@ async def serve(
     shutdown_trigger: ShutdownTrigger = wait_for_signal,
     notifier: Notifier | None = None,
     blueprints: Iterable[Blueprint] = (),
+    egress_resolver: Resolver = system_resolver,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the whole server until ``shutdown_trigger`` returns.
@@ -220,7 +227,8 @@ async def serve(
     SHUTDOWN_GRACE_SECONDS, then the services are cancelled.
 
     ``blueprints`` are extra routers mounted beside the built-in ones (tests use it for routes
-    with controlled timing).
+    with controlled timing). ``egress_resolver`` answers the egress proxy's DNS questions: the machine's
+    resolver, always, except in the test suite (which maps a registry's name to a loopback index).
 
     Raises:
         SettingsError: a setting that only shows its problem at start (missing certificate, ...).
@@ -259,8 +267,11 @@ async def serve(
         notifier.notify("STOPPING=1")
         shutting_down.set()  # open WebSockets stop their runs and close with 1001
 
+    network = open_network(settings, egress_resolver)
+    if network is not None:
+        log.info("sandbox network", extra={"fields": network.describe()})
     # Outer resources first (STYLE §3): the sandbox host, the asyncio bridge, the stores.
-    with open_execution(settings) as execution:
+    with open_execution(settings, network) as execution:
         log.info("python kernels", extra={"fields": {"mode": execution.kernel_mode[0],
                                                     "why": execution.kernel_mode[1]}})  # fmt: skip
         async with trio_asyncio.open_loop(), open_stores(settings) as stores:
@@ -288,6 +299,7 @@ async def serve(
                 ),
                 trusted_proxies=parse_networks(settings.trusted_proxies),
                 keys=ManagedKeys(stores.kv, rate_limits_enabled=settings.rate_limit_enabled),
+                network=network,
             )
             if execution.kernels is not None:
                 health.register("kernels", partial(kernels_check, execution), required=False)
@@ -297,7 +309,16 @@ async def serve(
                 deps.metrics.gauges.append(Gauge("interpreter_ptc_paused_runs", "Programmatic runs paused on this node",
                                                  lambda: {(): float(len(engine.paused))}))  # fmt: skip
             deps.metrics.gauges.extend(gauges(execution))
-            await _serve_with(deps, execution, board, notifier, hyper, stop_when_triggered, blueprints, task_status)
+            if network is not None:
+                health.register("egress", partial(egress_check, network), required=False)
+                deps.metrics.counters += [network.proxy.tunnels, network.proxy.refusals, network.proxy.bytes]
+            try:
+                await _serve_with(deps, execution, board, notifier, hyper, stop_when_triggered, blueprints,
+                                  task_status)  # fmt: skip
+            finally:
+                if network is not None:  # every jail is gone: the package caches can go until the next start
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(network.deps.unmount_all)
     log.info("stopped")
 
 
@@ -311,6 +332,8 @@ async def _serve_with(
         await services.start(partial(supervise, watchdog, name="watchdog", board=board))
         reaper_service = partial(reaper.run, execution.reaper, execution.runner.is_active)
         await services.start(partial(supervise, reaper_service, name="reaper", board=board))
+        if execution.network is not None:  # before anything that starts a sandbox
+            await services.start(partial(supervise, execution.network.proxy.run, name="egress_proxy", board=board))
         await services.start(partial(supervise, execution.executor.run, name="executor", board=board))
         if deps.authenticator.jwt is not None and deps.authenticator.jwt.jwks_url is not None:
             jwks = partial(refresh_forever, deps.authenticator.jwt)
@@ -329,6 +352,7 @@ async def _serve_with(
                 await services.start(partial(supervise, archiver, name="state_archiver", board=board))
         if deps.programmatic is not None:
             await services.start(partial(supervise, deps.programmatic.run, name="programmatic", board=board))
+
         # HTTP binds last and drains first: its nursery ends when hypercorn has drained.
         async with trio.open_nursery() as http:
             app = create_app(deps, blueprints=blueprints)

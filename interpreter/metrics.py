@@ -94,10 +94,11 @@ class Metrics:
     auth_failures: Counter = field(default_factory=lambda: Counter(
         "interpreter_auth_failures_total", "Failed authentications"))  # fmt: skip
     gauges: list[Gauge] = field(default_factory=list)
+    counters: list[Counter] = field(default_factory=list)  # other parts' own (the egress proxy's)
 
     def render(self) -> str:
         families: list[Counter | Histogram | Gauge] = [
             self.requests, self.runs, self.run_seconds, self.store_errors, self.rate_limited, self.auth_failures,
-            *self.gauges,
+            *self.counters, *self.gauges,
         ]  # fmt: skip
         return "\n".join(line for family in families for line in family.render()) + "\n"

@@ -56,6 +56,8 @@ SECCOMP_POLICY = (
 
 TIME_LIMIT_BACKSTOP_S = 2
 BASE_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+DEPS_DIR = "/opt/skill-deps"  # the principal's package cache, when the sandbox has the network
+CA_CERTS = "/etc/ssl/certs"  # public CA certificates (Go, cargo, curl read them; nothing secret)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,37 @@ class Limits:
     nofile: int = 256  # R needs >= 167
     max_cpus: int = 2  # Go, the JVM and V8 size their thread pools by CPU count; keeps pids bounded
     network: bool = False  # True shares the host network (ENABLE_NETWORK_ISOLATION=false)
+
+
+@dataclass(frozen=True)
+class Egress:
+    """A jail's way to package registries (ENABLE_SANDBOX_NETWORK): the proxy on its own loopback, the
+    registries' settings, and its principal's package cache at DEPS_DIR."""
+
+    port: int  # the proxy answers 127.0.0.1:port inside the jail's network namespace
+    registries_env: tuple[tuple[str, str], ...] = ()  # PIP_INDEX_URL, NPM_CONFIG_REGISTRY, GOPROXY, ...
+    deps: Path | None = None  # host side of the cache (nsjail binds it; a zygote child gets it as a mount)
+
+    def env(self, env: dict[str, str]) -> dict[str, str]:
+        """``env`` with the proxy, the registries, and every package manager installing into DEPS_DIR."""
+        proxy, d = f"http://127.0.0.1:{self.port}", DEPS_DIR
+        bins = ":".join(f"{d}/{tool}/bin" for tool in ("python", "node", "go", "cargo"))
+        return {
+            **env, **dict(self.registries_env),
+            "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "https_proxy": proxy, "http_proxy": proxy,
+            "NO_PROXY": "localhost,127.0.0.1,::1", "no_proxy": "localhost,127.0.0.1,::1",
+            "PIP_TARGET": f"{d}/python", "PIP_CACHE_DIR": f"{d}/cache/pip", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+            "PYTHONPATH": ":".join(filter(None, (env.get("PYTHONPATH"), f"{d}/python"))),
+            "NPM_CONFIG_PREFIX": f"{d}/node", "NPM_CONFIG_CACHE": f"{d}/cache/npm",
+            "NODE_PATH": f"{d}/node/lib/node_modules",
+            "NPM_CONFIG_UPDATE_NOTIFIER": "false", "NPM_CONFIG_FUND": "false", "NPM_CONFIG_AUDIT": "false",
+            "GOPATH": f"{d}/go", "GOMODCACHE": f"{d}/go/pkg/mod",
+            # -modcacherw: the module cache stays writable for the tenant's other uids
+            "GOFLAGS": " ".join(filter(None, (env.get("GOFLAGS"), "-modcacherw"))),
+            "CARGO_HOME": f"{d}/cargo",
+            # pip (the sandbox venv's, installing into DEPS_DIR) is on PATH after the system's tools
+            "PATH": f"{bins}:{env.get('PATH', BASE_ENV['PATH'])}:{{venv}}/bin",
+        }  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -110,8 +143,12 @@ def jail_command(spec: LanguageSpec, limits: Limits, paths: RunPaths, source: st
 
 
 def _jail_argv(limits: Limits, paths: RunPaths, identity: Identity, env: dict[str, str], *, time_limit: str,
-               cpu_limit: str) -> list[str]:  # fmt: skip
-    """Everything of a jail but what it runs: namespaces, mounts, environment, limits, seccomp."""
+               cpu_limit: str, egress: Egress | None = None) -> list[str]:  # fmt: skip
+    """Everything of a jail but what it runs: namespaces, mounts, environment, limits, seccomp.
+
+    With ``egress`` the jail joins the network namespace it is started in (the host made it, with the
+    proxy's listener in it, and starts nsjail there), and gets the principal's package cache.
+    """
     argv = [
         str(paths.nsjail),
         "--mode", "o",  # once: one process tree, then exit with its status
@@ -133,7 +170,12 @@ def _jail_argv(limits: Limits, paths: RunPaths, identity: Identity, env: dict[st
     for name in ("passwd", "group", "hosts", "resolv.conf"):
         argv += ["--bindmount_ro", f"{paths.etc_dir / name}:/etc/{name}"]
     argv += ["--bindmount", f"{paths.run_dir}:/mnt/data"]
-    for key, value in {**BASE_ENV, **env}.items():
+    env = {**BASE_ENV, **env}
+    if egress is not None:
+        assert egress.deps is not None
+        argv += ["--bindmount", f"{egress.deps}:{DEPS_DIR}", "--bindmount_ro", CA_CERTS]
+        env = egress.env(env)
+    for key, value in env.items():
         argv += ["--env", f"{key}={value.format(venv=paths.venv)}"]
     argv += [
         "--time_limit", time_limit,
@@ -145,7 +187,7 @@ def _jail_argv(limits: Limits, paths: RunPaths, identity: Identity, env: dict[st
         "--max_cpus", str(limits.max_cpus),
         "--seccomp_string", SECCOMP_POLICY,
     ]  # fmt: skip
-    if limits.network:
+    if limits.network or egress is not None:
         argv.append("--disable_clone_newnet")
     if paths.log_fd is not None:
         argv += ["--log_fd", str(paths.log_fd)]
@@ -161,31 +203,44 @@ def build_argv(
     source: str,
     main: str = "",
     args: tuple[str, ...] = (),
+    egress: Egress | None = None,
 ) -> list[str]:
     """The full nsjail argv for one run of ``spec``. Pure: reads nothing but its arguments."""
     # The runner's own timer enforces wall_s exactly; nsjail's whole-second clock, checked right at
     # start too, could fire up to a second early, so it is only the backstop.
     argv = _jail_argv(limits, paths, identity, spec.env, time_limit=str(limits.wall_s + TIME_LIMIT_BACKSTOP_S),
-                      cpu_limit=str(limits.wall_s * max(1, limits.max_cpus)))  # fmt: skip
-    command = jail_command(spec, limits, paths, source, main)
+                      cpu_limit=str(limits.wall_s * max(1, limits.max_cpus)), egress=egress)  # fmt: skip
+    command = umask(egress) + jail_command(spec, limits, paths, source, main)
     return [*argv, "--", "/bin/sh", "-c", command, "sh", *args]
+
+
+def umask(egress: Egress | None) -> str:
+    """With a package cache, files are made for every uid of the principal's jails (nothing else sees them)."""
+    return "umask 0; " if egress is not None else ""
 
 
 KERNEL_DIR = "/opt/kernel"
 
 
 def build_kernel_argv(
-    python: LanguageSpec, limits: Limits, paths: RunPaths, identity: Identity, *, kernel_dir: Path, socket_fd: int
+    python: LanguageSpec,
+    limits: Limits,
+    paths: RunPaths,
+    identity: Identity,
+    *,
+    kernel_dir: Path,
+    socket_fd: int,
+    egress: Egress | None = None,
 ) -> list[str]:
     """The nsjail argv of a Python kernel: the jail of a ``py`` run, living until it is stopped.
 
     Each run's wall clock is the host's business (it interrupts, then kills), so nsjail has no time
     limit; the kernel gets its protocol socket as fd ``socket_fd`` and its code read-only.
     """
-    argv = _jail_argv(limits, paths, identity, python.env, time_limit="0", cpu_limit="inf")
+    argv = _jail_argv(limits, paths, identity, python.env, time_limit="0", cpu_limit="inf", egress=egress)
     argv += ["--bindmount_ro", f"{kernel_dir}:{KERNEL_DIR}", "--pass_fd", str(socket_fd)]
     # Not exec'd: sh stays pid 1 of the jail, so the kernel and the user's code are never init.
-    command = f"{paths.venv}/bin/python -E -s {KERNEL_DIR}/kernel.py {socket_fd}"
+    command = umask(egress) + f"{paths.venv}/bin/python -E -s {KERNEL_DIR}/kernel.py {socket_fd}"
     return [*argv, "--", "/bin/sh", "-c", command]
 
 
@@ -215,13 +270,16 @@ def child_seccomp() -> dict[str, object]:
     }
 
 
-def kernel_env(python: LanguageSpec, paths: RunPaths) -> dict[str, str]:
+def kernel_env(python: LanguageSpec, paths: RunPaths, egress: Egress | None = None) -> dict[str, str]:
     """A zygote child's environment: a kernel's, plus one BLAS thread (the zygote loaded BLAS that way)."""
-    return {**BASE_ENV, **{k: v.format(venv=paths.venv) for k, v in python.env.items()}, **ZYGOTE_THREADS_ENV}
+    env = {**BASE_ENV, **python.env}
+    env = egress.env(env) if egress is not None else env
+    return {**{k: v.format(venv=paths.venv) for k, v in env.items()}, **ZYGOTE_THREADS_ENV}
 
 
 def build_zygote_argv(python: LanguageSpec, limits: Limits, paths: RunPaths, *, root_uid: int, slot_uid: int,
-                      slots: int, kernel_dir: Path, control_fd: int, config: str) -> list[str]:  # fmt: skip
+                      slots: int, kernel_dir: Path, control_fd: int, config: str,
+                      egress: Egress | None = None) -> list[str]:  # fmt: skip
     """The nsjail argv of the zygote: a kernel's jail without a run directory, its root (host ``root_uid``)
     keeping capabilities in its user namespace to build its children's, and the slot uids mapped 1:1."""
     argv = [
@@ -246,6 +304,8 @@ def build_zygote_argv(python: LanguageSpec, limits: Limits, paths: RunPaths, *, 
         argv += ["--bindmount_ro", etc]
     for name in ("passwd", "group", "hosts", "resolv.conf"):
         argv += ["--bindmount_ro", f"{paths.etc_dir / name}:/etc/{name}"]
+    if egress is not None:  # a mount point for each child's package cache, and the CA certificates
+        argv += ["--mount", f"none:{DEPS_DIR}:tmpfs:size=4096", "--bindmount_ro", CA_CERTS]
     for key, value in {**kernel_env(python, paths), "MPLCONFIGDIR": "/tmp/.mpl"}.items():
         argv += ["--env", f"{key}={value}"]
     argv += [

@@ -19,6 +19,7 @@ from interpreter.auth.failures import FailureLimiter, Network, client_address
 from interpreter.auth.keys import KeyAuthenticator, UnknownKey
 from interpreter.auth.managed import ManagedKeys, RateState
 from interpreter.auth.principals import Principal
+from interpreter.egress.service import SandboxNetwork
 from interpreter.errors import InterpreterError, RateLimited, StoreUnavailable, UnsupportedMediaType
 from interpreter.execution.executor import Executor
 from interpreter.execution.programmatic import Programmatic
@@ -62,6 +63,7 @@ class AppDeps:
     keys: ManagedKeys | None = None
     metrics: Metrics = field(default_factory=Metrics)
     trusted_proxies: tuple[Network, ...] = ()
+    network: SandboxNetwork | None = None  # ENABLE_SANDBOX_NETWORK
 
 
 def current_deps() -> AppDeps:

@@ -245,7 +245,7 @@ async def start_run(
         QueueFull: no run slot and no room in the queue (503).
         StoreUnavailable: a store failed (503).
     """
-    job = replace(build_job(body), stdin_stream=stdin_stream)  # every validation error before any store
+    job = replace(build_job(body), stdin_stream=stdin_stream, owner=principal.storage_prefix)  # validated first
     deps = current_deps()
     refs = [file.ref for file in body.files]
     resolved = await resolve_session(
@@ -276,5 +276,6 @@ def log_run(result: RunResult, context: RunContext) -> None:
         "run finished",
         extra={"fields": {"language": context.language, "status": result.status, "exit_code": result.exit_code,
                           "duration_ms": result.duration_ms, "principal": context.principal_id,
-                          "session": context.resolved.session.id, "files_out": len(context.workspace.files)}},
+                          "session": context.resolved.session.id, "files_out": len(context.workspace.files),
+                          **({"egress": result.egress} if result.egress is not None else {})}},
     )  # fmt: skip

@@ -127,8 +127,9 @@ class KernelPool:
 
     # --- kernels -------------------------------------------------------------------------------------------
 
-    async def start(self) -> Kernel:
-        """A new kernel on a free slot (evicting the least recently used live kernel when none is free).
+    async def start(self, owner: str = "") -> Kernel:
+        """A new kernel on a free slot (evicting the least recently used live kernel when none is free), with
+        ``owner``'s package cache when the sandbox network is on.
 
         Raises:
             KernelStartFailed: it did not come up.
@@ -139,7 +140,7 @@ class KernelPool:
         slot = await self._take_slot()
         identity = Identity(self.config.base_uid + 2 + slot, self.config.base_uid + 2 + slot)
         try:
-            kernel: Kernel = await self._nursery.start(partial(self._kernel_task, slot, identity))
+            kernel: Kernel = await self._nursery.start(partial(self._kernel_task, slot, identity, owner))
         except ServiceUnavailable:  # KernelStartFailed, or the zygote is down
             self.counters["start_failures"] += 1
             raise
@@ -147,9 +148,10 @@ class KernelPool:
         self._running[slot] = kernel
         return kernel
 
-    async def _kernel_task(self, slot: int, identity: Identity, *, task_status: trio.TaskStatus[Kernel]) -> None:
+    async def _kernel_task(self, slot: int, identity: Identity, owner: str, *,
+                           task_status: trio.TaskStatus[Kernel]) -> None:  # fmt: skip
         try:
-            await serve_kernel(self.kernels, slot, identity, self.active, task_status=task_status)
+            await serve_kernel(self.kernels, slot, identity, self.active, owner, task_status=task_status)
         finally:
             self._running.pop(slot, None)
             self._free_slots.append(slot)
@@ -170,8 +172,11 @@ class KernelPool:
                 await freed.wait()
         return self._free_slots.pop()
 
-    async def take(self) -> Kernel:
-        """A kernel for a session that has none: a ready one (a hit) or a new one (a miss)."""
+    async def take(self, owner: str = "") -> Kernel:
+        """A kernel for a session of ``owner`` that has none: a ready one (a hit) or a new one (a miss).
+
+        With the sandbox network on there are no ready kernels: each starts with its principal's package cache.
+        """
         while self._ready:
             kernel = self._ready.pop(0)
             self._wanted.set()
@@ -182,7 +187,7 @@ class KernelPool:
         self.counters["misses"] += 1
         if self.config.exhaustion_trigger:
             self._wanted.set()
-        return await self.start()
+        return await self.start(owner)
 
     def take_live(self, session: str) -> Kernel | None:
         """The session's live kernel, taken out while it runs (the caller keeps or discards it)."""

@@ -21,6 +21,8 @@ from typing import Any
 
 import trio
 
+from interpreter.egress.proxy import Tap
+from interpreter.egress.service import SandboxNetwork
 from interpreter.errors import ServiceUnavailable
 from interpreter.execution.launcher import (
     Launch,
@@ -74,6 +76,7 @@ class KernelConfig:
     state_max_bytes: int
     zygote: Zygote | None = None  # KERNEL_MODE=zygote (or auto where supported)
     zygote_fallback: bool = False  # KERNEL_MODE=auto: a fresh nsjail while the zygote is down
+    egress: SandboxNetwork | None = None  # ENABLE_SANDBOX_NETWORK: kernels start for one principal's cache
 
 
 Event = tuple[str, Any, Any]  # ("frame", (kind, header), payload) | ("out", stream, bytes) | ("closed", stream, None)
@@ -137,6 +140,10 @@ class Kernel:
 
     def memory_bytes(self) -> int:
         return memory_usage(self.launch.cgroup) if self.launch.cgroup is not None else 0
+
+    def egress(self) -> dict[str, int] | None:
+        """What it did through the egress proxy so far (None: no sandbox network)."""
+        return self.launch.tap.figures() if self.launch.tap is not None else None
 
     async def send(self, kind: int, header: dict[str, Any] | None = None, payload: bytes = b"") -> None:
         try:
@@ -385,19 +392,19 @@ def _warnings(header: dict[str, Any]) -> list[str]:
     return [str(w)[:300] for w in warnings[:100]] if isinstance(warnings, list) else []
 
 
-async def serve_kernel(config: KernelConfig, slot: int, identity: Identity, active: set[Path], *,
+async def serve_kernel(config: KernelConfig, slot: int, identity: Identity, active: set[Path], owner: str = "", *,
                        task_status: trio.TaskStatus[Kernel] = trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
     """Start a kernel and keep its jail's pipes drained for as long as it lives (a task per kernel).
 
     The kernel is forked by the zygote (KERNEL_MODE=zygote; with ``auto``, a fresh nsjail when the zygote
     is down) or started in a fresh nsjail. ``started()`` carries the Kernel once it is ready. When it
-    ends, everything of the jail is removed.
+    ends, everything of the jail is removed. With the sandbox network on, it has ``owner``'s package cache.
 
     Raises:
         KernelStartFailed: the jail or the kernel did not come up within REPL_WARMUP_TIMEOUT_SECONDS.
     """
     send_events, events = trio.open_memory_channel[Event](EVENT_BUFFER)
-    async with _jail(config, slot, identity, active) as (jail, stream, log_pipe, start):
+    async with _jail(config, slot, identity, active, owner) as (jail, stream, log_pipe, start):
         kernel = Kernel(jail, stream, events, slot, identity, config.output_cap_bytes, config.limits.memory_bytes)
         async with trio.open_nursery() as nursery:
             if log_pipe is not None:
@@ -431,23 +438,25 @@ JailParts = tuple["Launch | ForkedJail", trio.SocketStream, "trio.lowlevel.FdStr
 
 
 @contextlib.asynccontextmanager
-async def _jail(config: KernelConfig, slot: int, identity: Identity, active: set[Path]) -> AsyncIterator[JailParts]:
+async def _jail(config: KernelConfig, slot: int, identity: Identity, active: set[Path],
+                owner: str) -> AsyncIterator[JailParts]:  # fmt: skip
     """The kernel's jail, removed (with everything in it) at the end of the block."""
     if config.zygote is not None:
         try:
-            async with _forked(config, config.zygote, slot, identity, active) as parts:
+            async with _forked(config, config.zygote, slot, identity, active, owner) as parts:
                 yield parts
             return
         except ZygoteUnavailable:
             if not config.zygote_fallback:
                 raise
             log.warning("the zygote is down: this kernel starts in a fresh nsjail")
-    async with _nsjail(config, identity, active) as parts:
+    async with _nsjail(config, identity, active, owner) as parts:
         yield parts
 
 
 @contextlib.asynccontextmanager
-async def _nsjail(config: KernelConfig, identity: Identity, active: set[Path]) -> AsyncIterator[JailParts]:
+async def _nsjail(config: KernelConfig, identity: Identity, active: set[Path],
+                  owner: str) -> AsyncIterator[JailParts]:  # fmt: skip
     host_end, jail_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     jail_fd = jail_end.fileno()  # the launcher inherits it under the same number
     try:
@@ -458,9 +467,13 @@ async def _nsjail(config: KernelConfig, identity: Identity, active: set[Path]) -
     finally:
         jail_end.close()
     try:
+        egress = None
+        if config.egress is not None:
+            egress = await config.egress.jail_for(owner)
+            launch.tap = config.egress.attach(launch.take_listener(), launch.run_id, owner)
         paths = replace(config.paths, run_dir=launch.run_dir, log_fd=launch.log_fd)
         argv = build_kernel_argv(config.python, config.limits, paths, identity, kernel_dir=config.kernel_dir,
-                                 socket_fd=jail_fd)  # fmt: skip
+                                 socket_fd=jail_fd, egress=egress)  # fmt: skip
         if launch.cgroup is not None:
             launch.cgroup.set_limits(config.limits.memory_bytes, config.limits.pids)
 
@@ -481,18 +494,22 @@ async def _nsjail(config: KernelConfig, identity: Identity, active: set[Path]) -
 
 
 @contextlib.asynccontextmanager
-async def _forked(config: KernelConfig, zygote: Zygote, slot: int, identity: Identity,
-                  active: set[Path]) -> AsyncIterator[JailParts]:  # fmt: skip
+async def _forked(config: KernelConfig, zygote: Zygote, slot: int, identity: Identity, active: set[Path],
+                  owner: str) -> AsyncIterator[JailParts]:  # fmt: skip
     launcher = config.launcher
     host_end, jail_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     host = trio.socket.from_stdlib_socket(host_end)
     run_dir: Path | None = None
     cgroup: RunCgroup | None = None
     process: ForkedProcess | None = None
+    tap: Tap | None = None
     try:
+        deps = (await config.egress.jail_for(owner)).deps if config.egress is not None else None
         run_id, run_dir, cgroup = make_run_paths(launcher, active, identity, config.limits.memory_bytes,
                                                  config.limits.pids)  # fmt: skip
-        process = await zygote.spawn(slot, run_dir, cgroup, host, jail_end)
+        process, listener = await zygote.spawn(slot, run_dir, cgroup, host, jail_end, deps)
+        if config.egress is not None and listener is not None:
+            tap = config.egress.attach(listener, run_id, owner)
     except OSError as exc:
         if not isinstance(exc, ZygoteUnavailable):
             log.error("a zygote kernel did not start", extra={"fields": {
@@ -503,11 +520,13 @@ async def _forked(config: KernelConfig, zygote: Zygote, slot: int, identity: Ide
         raise KernelStartFailed() from None
     except BaseException:
         jail_end.close()
-        await _forked_cleanup(host, None, run_dir, cgroup, active)
+        await _forked_cleanup(host, process, run_dir, cgroup, active)
         raise
     try:
-        yield ForkedJail(run_id, run_dir, cgroup, process), trio.SocketStream(host), None, _nothing
+        yield ForkedJail(run_id, run_dir, cgroup, process, tap), trio.SocketStream(host), None, _nothing
     finally:
+        if tap is not None:
+            tap.close()
         await _forked_cleanup(host, process, run_dir, cgroup, active)
 
 

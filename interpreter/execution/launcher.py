@@ -4,6 +4,8 @@ A launcher is a run directory (tmpfs mounted), a run cgroup, and a small shell a
 cgroup, waiting on a pipe for the nsjail command line to exec. Joining a cgroup makes the kernel wait
 for an RCU grace period (measured: up to ~16 ms on cgroup v1), so it is done ahead of time, off the
 request's path. The executor keeps one ready per run slot and makes a new one as each is taken.
+With the sandbox network on, a launcher also has a network namespace of its own with the egress
+proxy's listener in it (``interpreter/egress/netns.py``), and execs nsjail inside it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import logging
 import os
 import secrets
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,8 @@ from typing import NoReturn
 
 import trio
 
+from interpreter.egress.netns import listen_in_new_namespace
+from interpreter.egress.proxy import Tap
 from sandboxes.host import HostLayout, RunCgroup, create_run_cgroup, mount_tmpfs, remove_cgroup_tree, remove_run_dir
 from sandboxes.jail import Cgroups, Identity
 
@@ -43,6 +48,21 @@ class Launch:
     log_fd: int  # the write end's number as nsjail sees it (--log_fd); ours is closed once nsjail has it
     log_pipe: trio.lowlevel.FdStream  # read end: nsjail's own log
     log_fd_open: bool = True
+    netns_fd: int | None = None  # the launcher's fd of its network namespace (sandbox network on)
+    listener: socket.socket | None = None  # the proxy's socket in that namespace, until the proxy takes it
+    tap: Tap | None = None  # the proxy serving it
+
+    def take_listener(self) -> socket.socket:
+        assert self.listener is not None
+        listener, self.listener = self.listener, None
+        return listener
+
+    def close_network(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self.tap is not None:
+            self.tap.close()
 
     def close_log_write_end(self) -> None:
         """Once nsjail holds the log pipe, EOF on it means nsjail is gone. Closed once: fd numbers get reused."""
@@ -51,7 +71,9 @@ class Launch:
             os.close(self.log_fd)
 
     async def start(self, argv: list[str]) -> None:
-        """Hand the command line over; the launcher execs it at once."""
+        """Hand the command line over; the launcher execs it at once (in its network namespace, if it has one)."""
+        if self.netns_fd is not None:
+            argv = ["/usr/bin/nsenter", f"--net=/proc/self/fd/{self.netns_fd}", "--", *argv]
         async with self.argv_pipe:
             await self.argv_pipe.send_all(b"".join(arg.encode() + b"\0" for arg in argv))
 
@@ -64,6 +86,7 @@ class LauncherConfig:
     run_dir_bytes: int
     memory_bytes: int  # the default limits; a run resets them for its language before it starts
     pids: int = 64
+    egress_port: int | None = None  # ENABLE_SANDBOX_NETWORK: each launcher gets a namespace with the proxy in it
 
 
 async def prepare(
@@ -75,7 +98,11 @@ async def prepare(
     """
     run_id, run_dir, cgroup = make_run_paths(config, active, identity or config.identity, config.memory_bytes,
                                              config.pids)  # fmt: skip
+    netns, listener = None, None
     try:
+        if config.egress_port is not None:
+            netns, listener = await trio.to_thread.run_sync(listen_in_new_namespace, config.egress_port)
+            pass_fds = (*pass_fds, netns)
         argv_read, argv_write = os.pipe()
         log_read, log_write = os.pipe()
         try:
@@ -91,10 +118,14 @@ async def prepare(
             raise
         finally:
             os.close(argv_read)
+            if netns is not None:
+                os.close(netns)  # the launcher has it (same number) and the listener keeps the namespace
         # log_write stays open here only until nsjail has it; closed by the runner once the jail starts.
         return Launch(run_id, run_dir, cgroup, process, trio.lowlevel.FdStream(argv_write), log_write,
-                      trio.lowlevel.FdStream(log_read))  # fmt: skip
+                      trio.lowlevel.FdStream(log_read), netns_fd=netns, listener=listener)  # fmt: skip
     except BaseException:
+        if listener is not None:
+            listener.close()
         with trio.move_on_after(CLEANUP_S, shield=True):
             await trio.to_thread.run_sync(release_paths, run_dir, cgroup)
         active.discard(run_dir)
@@ -144,6 +175,7 @@ def release_paths(run_dir: Path, cgroup: RunCgroup | None) -> None:
 async def discard(launch: Launch, active: set[Path]) -> None:
     """Give up a launcher that will not be used (shutdown, or it died while waiting)."""
     with trio.move_on_after(CLEANUP_S, shield=True):
+        launch.close_network()
         await launch.argv_pipe.aclose()
         await launch.log_pipe.aclose()
         launch.close_log_write_end()

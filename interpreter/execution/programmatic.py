@@ -442,7 +442,7 @@ class Programmatic:
         try:
             refs = [Ref(**ref) for ref in record.refs]
             workspace = await plan_workspace(self.catalog, session, refs, self.limits)
-            kernel = await self.pool.take()
+            kernel = await self.pool.take(record.owner)
             kernel.generation = record.generation
             if record.persisted and (base := await state.pinned(record.owner, record.run)) is not None:
                 outcome.state_warnings += await kernel.restore(base)

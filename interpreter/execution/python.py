@@ -60,8 +60,10 @@ class PythonRuns:
             lease = job.timeout_s + LOCK_LEASE_EXTRA_S
             async with self.state.session_lock(session.owner, session.id, lease_s=lease, wait_s=lease):
                 kernel = await self.staged_kernel(session, existing, workspace, outcome)
+                egress_before = kernel.egress()
                 try:
                     result = await kernel.run(job.code, job.args, job.stdin, job.timeout_s, on_output, job.stdin_stream)
+                    result.egress = _difference(kernel.egress(), egress_before)
                     state = await self.conclude(kernel, result, workspace, outcome)
                 except KernelDied as died:
                     self.pool.discard(kernel)
@@ -127,7 +129,7 @@ class PythonRuns:
             return kernel
         if kernel is not None:
             self.pool.discard(kernel)  # out of date: the session ran elsewhere since
-        kernel = await self.pool.take()
+        kernel = await self.pool.take(owner)
         try:
             kernel.generation = generation
             if existing and self.persist_state and (state := await self.state.load(owner, session_id)) is not None:
@@ -138,7 +140,7 @@ class PythonRuns:
             self.pool.discard(kernel)
             outcome.state_warnings.append("The saved variables could not be restored; this run starts without them.")
             outcome.restored = False
-            kernel = await self.pool.take()
+            kernel = await self.pool.take(owner)
             kernel.generation = generation
         except BaseException:
             self.pool.discard(kernel)
@@ -159,3 +161,10 @@ class PythonRuns:
         state, warnings = await kernel.checkpoint(self.state_max_bytes)
         outcome.state_warnings += warnings
         return state
+
+
+def _difference(after: dict[str, int] | None, before: dict[str, int] | None) -> dict[str, int] | None:
+    """What a kernel did through the egress proxy during one run."""
+    if after is None or before is None:
+        return None
+    return {key: value - before.get(key, 0) for key, value in after.items()}

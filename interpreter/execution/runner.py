@@ -18,10 +18,11 @@ from typing import Literal, Protocol
 
 import trio
 
+from interpreter.egress.service import SandboxNetwork
 from interpreter.errors import ServiceUnavailable
 from interpreter.execution.launcher import Launch, LauncherPool, discard
 from sandboxes.host import HostLayout, oom_kills
-from sandboxes.jail import Identity, Limits, RunPaths, build_argv
+from sandboxes.jail import Egress, Identity, Limits, RunPaths, build_argv
 from sandboxes.languages import LanguageSpec, source_name
 
 log = logging.getLogger("interpreter.execution")
@@ -62,6 +63,7 @@ class Job:
     files: RunFiles | None = None
     # More stdin while it runs (streaming clients), after ``stdin``; None in the channel means EOF.
     stdin_stream: trio.MemoryReceiveChannel[bytes | None] | None = None
+    owner: str = ""  # the principal's storage prefix (its package cache, with the sandbox network on)
 
 
 @dataclass
@@ -74,6 +76,7 @@ class RunResult:
     duration_ms: int
     signal: str | None = None
     notes: list[str] = field(default_factory=list)
+    egress: dict[str, int] | None = None  # what the run did through the egress proxy (sandbox network on)
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,8 @@ class RunnerConfig:
     tmp_bytes: int
     fsize_mib: int
     output_cap_bytes: int
-    network: bool = False
+    network: bool = False  # ENABLE_NETWORK_ISOLATION=false: the host's network
+    egress: SandboxNetwork | None = None  # ENABLE_SANDBOX_NETWORK: the registries, through the proxy
 
 
 class _Capture:
@@ -149,6 +153,10 @@ class Runner:
         limits = self.limits_for(job.language, job.timeout_s)
         launch = await self._launcher()
         try:
+            egress = None
+            if cfg.egress is not None:
+                egress = await cfg.egress.jail_for(job.owner)
+                launch.tap = cfg.egress.attach(launch.take_listener(), launch.run_id, job.owner)
             if launch.cgroup is not None:
                 launch.cgroup.set_limits(limits.memory_bytes, limits.pids)
             if job.language.source_naming == "fixed":
@@ -158,16 +166,16 @@ class Runner:
             _write_source(launch.run_dir / source, job.code, cfg.identity)
             if job.files is not None:
                 await job.files.stage(launch.run_dir, source, cfg.identity)
-            result = await self._run_jail(job, limits, launch, source, main, on_output)
+            result = await self._run_jail(job, limits, launch, source, main, on_output, egress)
+            result.egress = launch.tap.figures() if launch.tap is not None else None
             if job.files is not None:
                 await job.files.collect(launch.run_dir, source)
             return result
         finally:
             await discard(launch, self.active)  # stops whatever is left, unmounts, removes the cgroup
 
-    async def _run_jail(
-        self, job: Job, limits: Limits, launch: Launch, source: str, main: str, on_output: OnOutput | None
-    ) -> RunResult:
+    async def _run_jail(self, job: Job, limits: Limits, launch: Launch, source: str, main: str,
+                        on_output: OnOutput | None, egress: Egress | None) -> RunResult:  # fmt: skip
         cfg = self.config
         paths = RunPaths(
             nsjail=cfg.nsjail,
@@ -177,7 +185,8 @@ class Runner:
             runtime_etc=cfg.runtime_etc,
             log_fd=launch.log_fd,
         )
-        argv = build_argv(job.language, limits, paths, cfg.identity, source=source, main=main, args=job.args)
+        argv = build_argv(job.language, limits, paths, cfg.identity, source=source, main=main, args=job.args,
+                          egress=egress)  # fmt: skip
         proc = launch.process
         started = time.monotonic()
         try:

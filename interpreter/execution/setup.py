@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
+from interpreter.egress.service import SandboxNetwork
 from interpreter.errors import SettingsError
 from interpreter.execution.executor import Executor, default_concurrency
 from interpreter.execution.kernel_pool import KernelPool, PoolConfig
@@ -46,11 +47,13 @@ class Execution:
     kernels: KernelPool | None  # None when the py language is missing
     zygote: Zygote | None = None  # KERNEL_MODE resolved to zygote
     kernel_mode: tuple[str, str] = ("nsjail", "")  # (mode, why)
+    network: SandboxNetwork | None = None  # ENABLE_SANDBOX_NETWORK
 
 
 @contextmanager
-def open_execution(settings: Settings) -> Iterator[Execution]:
-    """Prepare the host for jails and hold the instance lock until the block ends.
+def open_execution(settings: Settings, network: SandboxNetwork | None = None) -> Iterator[Execution]:
+    """Prepare the host for jails and hold the instance lock until the block ends (``network``: the sandbox
+    network, ENABLE_SANDBOX_NETWORK).
 
     Raises:
         SettingsError: a language file is invalid, nsjail is missing, or another instance holds the lock.
@@ -66,6 +69,8 @@ def open_execution(settings: Settings) -> Iterator[Execution]:
     layout = HostLayout.under(settings.sandbox_base_dir)
     identity = Identity(settings.sandbox_uid, settings.sandbox_uid)
     pool = pool_config(settings)
+    if network is not None:  # a kernel starts with its principal's package cache: none can be made ahead
+        pool = replace(pool, size=0)
     try:
         uids = [identity.uid] + [pool.base_uid + 2 + slot for slot in range(pool.slots)]
         prepare_layout(layout, uids, kernel_source=sandboxes_dir() / "kernel")
@@ -78,7 +83,14 @@ def open_execution(settings: Settings) -> Iterator[Execution]:
         cgroups = prepare_cgroups(layout.base)
         concurrency = default_concurrency(settings.max_concurrent_runs, os.cpu_count())
         launchers = LauncherPool(
-            LauncherConfig(layout, identity, cgroups, settings.max_run_dir_mib * MIB, settings.max_memory_mib * MIB),
+            LauncherConfig(
+                layout,
+                identity,
+                cgroups,
+                settings.max_run_dir_mib * MIB,
+                settings.max_memory_mib * MIB,
+                egress_port=network.jail.port if network is not None else None,
+            ),
             size=concurrency,
             active=set(),
         )
@@ -94,6 +106,7 @@ def open_execution(settings: Settings) -> Iterator[Execution]:
                 fsize_mib=settings.max_file_size_mib,
                 output_cap_bytes=int(settings.max_output_mib * MIB),
                 network=not settings.enable_network_isolation,
+                egress=network,
             ),
             launchers,
         )
@@ -120,6 +133,7 @@ def open_execution(settings: Settings) -> Iterator[Execution]:
                     python=languages["py"], limits=kernel_limits, paths=kernel_paths, kernel_dir=layout.kernel,
                     base_uid=settings.sandbox_uid, slots=pool.slots, rotate_sessions=settings.zygote_rotate_sessions,
                     rotate_s=settings.zygote_rotate_min * 60, start_timeout_s=settings.repl_warmup_timeout_s,
+                    egress=network.jail if network is not None else None,
                 ))  # fmt: skip
             kernel_config = KernelConfig(
                 launcher=launchers.config,
@@ -132,9 +146,10 @@ def open_execution(settings: Settings) -> Iterator[Execution]:
                 state_max_bytes=state_max_bytes(settings),
                 zygote=zygote,
                 zygote_fallback=settings.kernel_mode == "auto",
+                egress=network,
             )
             kernels = KernelPool(kernel_config, pool, launchers.active)
-        yield Execution(layout, cgroups, languages, runner, executor, reaper, kernels, zygote, mode)
+        yield Execution(layout, cgroups, languages, runner, executor, reaper, kernels, zygote, mode, network)
         if cgroups is not None:
             remove_cgroup_parents(cgroups)
     finally:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import array
 import contextlib
 import ctypes
+import ipaddress
 import json
 import logging
 import os
@@ -32,10 +33,11 @@ from typing import NoReturn
 
 import trio
 
+from interpreter.egress.proxy import Tap
 from interpreter.errors import ServiceUnavailable
 from interpreter.execution.launcher import drain_tail
 from sandboxes.host import RunCgroup
-from sandboxes.jail import Limits, RunPaths, build_zygote_argv, child_seccomp, kernel_env
+from sandboxes.jail import DEPS_DIR, Egress, Limits, RunPaths, build_zygote_argv, child_seccomp, kernel_env
 from sandboxes.kernel.isolation import ChildLimits
 from sandboxes.languages import LanguageSpec
 
@@ -90,19 +92,22 @@ class ZygoteConfig:
     rotate_sessions: int
     rotate_s: float
     start_timeout_s: float
+    egress: Egress | None = None  # ENABLE_SANDBOX_NETWORK: each child gets a package cache and a listener
 
     def argv(self, control_fd: int) -> list[str]:
         child_limits = ChildLimits(
             uid_base=self.base_uid + 2, tmp_bytes=self.limits.tmp_bytes, shm_bytes=self.limits.shm_bytes,
             fsize_bytes=self.limits.fsize_mib * 1024 * 1024, nofile=self.limits.nofile,
             max_cpus=self.limits.max_cpus, share_network=self.limits.network,
+            egress_port=self.egress.port if self.egress is not None else 0, deps_dir=DEPS_DIR,
         )  # fmt: skip
         config = {"limits": asdict(child_limits), "seccomp": child_seccomp(),
-                  "env": kernel_env(self.python, self.paths), "rotate_sessions": self.rotate_sessions,
+                  "env": kernel_env(self.python, self.paths, self.egress), "rotate_sessions": self.rotate_sessions,
                   "rotate_s": self.rotate_s}  # fmt: skip
         return build_zygote_argv(
             self.python, self.limits, self.paths, root_uid=self.base_uid + 1, slot_uid=self.base_uid + 2,
             slots=self.slots, kernel_dir=self.kernel_dir, control_fd=control_fd, config=json.dumps(config),
+            egress=self.egress,
         )  # fmt: skip
 
 
@@ -144,6 +149,7 @@ class ForkedJail:
     run_dir: Path
     cgroup: RunCgroup | None
     process: ForkedProcess
+    tap: Tap | None = None  # the egress proxy serving it (sandbox network on)
 
 
 class Zygote:
@@ -222,8 +228,10 @@ class Zygote:
     # --- kernels -------------------------------------------------------------------------------------------
 
     async def spawn(self, slot: int, run_dir: Path, cgroup: RunCgroup | None, host_end: trio.socket.SocketType,
-                    jail_end: socket.socket) -> ForkedProcess:  # fmt: skip
-        """A kernel for ``slot``, forked and isolated, its protocol socket's other end ``jail_end``.
+                    jail_end: socket.socket,
+                    deps: Path | None = None) -> tuple[ForkedProcess, socket.socket | None]:  # fmt: skip
+        """A kernel for ``slot``, forked and isolated, its protocol socket's other end ``jail_end``; with
+        ``deps`` (the principal's package cache, sandbox network on) also the proxy's listener it made.
 
         Raises:
             ZygoteUnavailable: the zygote is not up within REPL_WARMUP_TIMEOUT_SECONDS.
@@ -236,25 +244,29 @@ class Zygote:
             raise ZygoteUnavailable()
         stdout_r, stdout_w = os.pipe()
         stderr_r, stderr_w = os.pipe()
-        tree = -1
+        tree = deps_tree = -1
         try:
             tree = open_tree(run_dir)
+            trees = [tree]
+            if deps is not None:
+                deps_tree = open_tree(deps)
+                trees.append(deps_tree)
             host_end.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            fds = array.array("i", [stdout_w, stderr_w, jail_end.fileno(), tree])
+            fds = array.array("i", [stdout_w, stderr_w, jail_end.fileno(), *trees])
             await control.sendmsg([struct.pack("=I", slot)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         except BaseException:
             for fd in (stdout_r, stderr_r):
                 os.close(fd)
             raise
         finally:
-            for fd in (stdout_w, stderr_w, tree):
+            for fd in (stdout_w, stderr_w, tree, deps_tree):
                 if fd >= 0:
                     os.close(fd)
             jail_end.close()
         stdout, stderr = trio.lowlevel.FdStream(stdout_r), trio.lowlevel.FdStream(stderr_r)
         try:
             with trio.fail_after(self.config.start_timeout_s):
-                pidfd = await _admit(host_end, cgroup, self.config.base_uid + 1)
+                pidfd, listener = await _admit(host_end, cgroup, self.config.base_uid + 1, deps is not None)
         except trio.TooSlowError:
             with trio.CancelScope(shield=True):
                 await stdout.aclose()
@@ -266,27 +278,56 @@ class Zygote:
                 await stderr.aclose()
             raise
         self.counters["spawned"] += 1
-        return ForkedProcess(pidfd, stdout, stderr)
+        return ForkedProcess(pidfd, stdout, stderr), listener
 
 
-async def _admit(sock: trio.socket.SocketType, cgroup: RunCgroup | None, root_uid: int) -> int:
-    """The child's hello: its pid into the kernel's cgroup, then "go". Returns a pidfd of the child."""
+async def _admit(sock: trio.socket.SocketType, cgroup: RunCgroup | None, root_uid: int,
+                 with_listener: bool) -> tuple[int, socket.socket | None]:  # fmt: skip
+    """The child's hello: its pid into the kernel's cgroup, [the proxy's listener it made in its network
+    namespace,] then "go". Returns a pidfd of the child [and the listener]."""
     message, ancillary, _, _ = await sock.recvmsg(1, socket.CMSG_SPACE(UCRED.size))
     credentials = _credentials(ancillary)
     if message != b"h" or credentials is None or credentials[1] != root_uid:
         raise OSError("the zygote child did not come up")
     pid = credentials[0]
     pidfd = os.pidfd_open(pid)
+    listener = None
     try:
         await trio.to_thread.run_sync(_join, cgroup, pid)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
+        if with_listener:
+            listener = await _receive_listener(sock)
         await sock.send(b"g")
     except BaseException:
         with contextlib.suppress(OSError):
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         os.close(pidfd)
+        if listener is not None:
+            listener.close()
         raise
-    return pidfd
+    return pidfd, listener
+
+
+async def _receive_listener(sock: trio.socket.SocketType) -> socket.socket:
+    """The child's listening socket (checked: a TCP socket listening on loopback, nothing else)."""
+    fds = array.array("i")
+    space = socket.CMSG_SPACE(fds.itemsize) + socket.CMSG_SPACE(UCRED.size)
+    message, ancillary, _, _ = await sock.recvmsg(1, space)
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    received = [socket.socket(fileno=fd) for fd in fds]
+    if message != b"l" or len(received) != 1:
+        for extra in received:
+            extra.close()
+        raise OSError("the zygote child sent no listener")
+    listener = received[0]
+    if (listener.family != socket.AF_INET or listener.type != socket.SOCK_STREAM
+            or not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            or not ipaddress.ip_address(listener.getsockname()[0]).is_loopback):  # fmt: skip
+        listener.close()
+        raise OSError("the zygote child sent something other than a loopback listener")
+    return listener
 
 
 def _join(cgroup: RunCgroup | None, pid: int) -> None:

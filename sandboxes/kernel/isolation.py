@@ -113,14 +113,23 @@ class ChildLimits:
     max_cpus: int
     share_network: bool = False  # ENABLE_NETWORK_ISOLATION=false
     hostname: str = "sandbox"
+    egress_port: int = 0  # ENABLE_SANDBOX_NETWORK: the proxy's port on the child's own loopback (0: none)
+    deps_dir: str = "/opt/skill-deps"
 
 
-def isolate(slot: int, run_tree: int, limits: ChildLimits, seccomp_program: bytes) -> None:
-    """Everything between the fork and the kernel; raises OSError when a step fails (the child then exits)."""
+def isolate(slot: int, run_tree: int, limits: ChildLimits, seccomp_program: bytes, deps_tree: int = -1) -> None:
+    """Everything between the fork and the kernel; raises OSError when a step fails (the child then exits).
+
+    ``deps_tree``: the principal's package cache (a mount, like ``run_tree``), with the network on.
+    """
     unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (0 if limits.share_network else CLONE_NEWNET))
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     move_mount(run_tree, "/mnt/data")
     os.close(run_tree)
+    if deps_tree >= 0:
+        move_mount(deps_tree, limits.deps_dir)
+        os.close(deps_tree)
+        os.umask(0)  # every uid of the principal's kernels writes what earlier ones installed
     for path, size in (("/tmp", limits.tmp_bytes), ("/dev/shm", limits.shm_bytes)):
         mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},mode=1777")
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)

@@ -39,6 +39,7 @@ import tools
 FILENAME = "<code>"
 KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))  # frames from here are never the user's
 RUN_DIR = "/mnt/data"
+DEPS_PYTHON = "/opt/skill-deps/python"  # with the network on: the principal's package cache (PIP_TARGET)
 HIGH_FD = 100
 NEW_RUN = b"new run"  # a marker in the stdin queue (compared by identity)
 PRELOADED = {"np": "numpy", "pd": "pandas", "plt": "matplotlib.pyplot"}
@@ -168,6 +169,8 @@ class Kernel:
             namespace[alias] = LazyModule(alias, module, namespace)
         if RUN_DIR not in sys.path:
             sys.path.insert(0, RUN_DIR)
+        if os.path.isdir(DEPS_PYTHON) and DEPS_PYTHON not in sys.path:
+            sys.path.append(DEPS_PYTHON)  # what the principal pip-installed; after the preinstalled stack
         self.namespace = namespace
         self.preloaded = dict(namespace)
 

@@ -5,15 +5,16 @@ It imports the kernel and the scientific stack, compiles the seccomp filter, fre
 (``gc.freeze()``: a child's garbage collection then never un-shares the inherited pages) and
 serves the control socket (SOCK_SEQPACKET): each message is a slot number (4 bytes) with four
 file descriptors (the kernel's stdout and stderr pipes, its protocol socket, and its run directory
-as an ``open_tree`` mount). It parses nothing else, holds no secrets, and never touches a
-session's files or code.
+as an ``open_tree`` mount), and a fifth with the network on (the principal's package cache, also a
+mount). It parses nothing else, holds no secrets, and never touches a session's files or code.
 
 Per request it forks a child as pid 1 of a new PID namespace. The child says hello on the protocol
 socket (the host reads its pid from the socket's credentials and moves it into the kernel's cgroup),
 isolates itself meanwhile (``isolation.isolate``: nothing of it is user-controlled, and it allocates
-next to nothing), waits for "go" (placed), then forks the kernel as pid 2, which inherits the cgroup,
-and stays as its init: user code is never pid 1, and when the kernel ends the namespace (and anything
-left in it) ends with it.
+next to nothing), with the network on hands the host a socket listening on its own loopback (the
+egress proxy serves it: ``interpreter/egress/netns.py``), waits for "go" (placed), then forks the
+kernel as pid 2, which inherits the cgroup, and stays as its init: user code is never pid 1, and
+when the kernel ends the namespace (and anything left in it) ends with it.
 
 Rotation: after ``rotate_sessions`` children or ``rotate_s`` seconds the zygote re-executes itself
 in place (fresh address-space layout and hash secret). It is the jail's pid 1, and exec keeps the
@@ -35,8 +36,8 @@ import traceback
 
 import isolation
 
-FDS_PER_REQUEST = 4  # stdout, stderr, protocol socket, run directory tree
-HELLO, GO = b"h", b"g"
+FDS_PER_REQUEST = (4, 5)  # stdout, stderr, protocol socket, run directory tree[, package cache tree]
+HELLO, LISTENER, GO = b"h", b"l", b"g"
 EXIT_SETUP_FAILED = 70
 
 
@@ -77,7 +78,7 @@ def warm_paths() -> None:
 
 def receive(control: socket.socket) -> tuple[bytes, list[int]]:
     fds = array.array("i")
-    message, ancillary, _, _ = control.recvmsg(64, socket.CMSG_SPACE(FDS_PER_REQUEST * fds.itemsize))
+    message, ancillary, _, _ = control.recvmsg(64, socket.CMSG_SPACE(max(FDS_PER_REQUEST) * fds.itemsize))
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
@@ -95,13 +96,18 @@ def reap() -> None:
 
 def child(slot: int, fds: list[int], config: dict, program: bytes, keep_closed: list[int]) -> None:
     """In the forked child: hello, isolation, the kernel as pid 2. Never returns."""
-    stdout_w, stderr_w, sock_fd, tree_fd = fds
+    stdout_w, stderr_w, sock_fd, tree_fd, *deps = fds
     try:
         for fd in keep_closed:
             os.close(fd)
         hello = socket.socket(fileno=os.dup(sock_fd))
         hello.sendall(HELLO)  # the host places us in our cgroup meanwhile (an RCU wait on cgroup v1)
-        isolation.isolate(slot, tree_fd, isolation.ChildLimits(**config["limits"]), program)
+        limits = isolation.ChildLimits(**config["limits"])
+        isolation.isolate(slot, tree_fd, limits, program, deps[0] if deps else -1)
+        if limits.egress_port:
+            with socket.create_server(("127.0.0.1", limits.egress_port), backlog=64) as listener:
+                passed = array.array("i", [listener.fileno()])
+                hello.sendmsg([LISTENER], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, passed)])
         if hello.recv(1) != GO:  # not placed: no kernel, no user code
             os._exit(EXIT_SETUP_FAILED)
         hello.close()
@@ -159,7 +165,7 @@ def serve(control: socket.socket, config: dict, program: bytes) -> None:
         message, fds = receive(control)
         if not message:
             os._exit(0)  # the host is gone
-        if len(message) != 4 or len(fds) != FDS_PER_REQUEST:
+        if len(message) != 4 or len(fds) not in FDS_PER_REQUEST:
             for fd in fds:
                 os.close(fd)
             continue

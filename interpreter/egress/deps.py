@@ -1,0 +1,200 @@
+"""Package caches per tenant (SKILL_DEPS_PATH): what one principal installs, only that principal imports.
+
+Each principal (by its storage prefix) gets a filesystem image of SKILL_DEPS_MAX_MB, created on its
+first run with the network on and loop-mounted ``nosuid,nodev`` on the host; its jails get that
+mount, and only that one, read-write at /opt/skill-deps. The image is the cap: a full cache is the
+installer's ENOSPC, never the host's disk. The host never walks a tree a sandbox wrote into in order
+to enforce anything (usage is ``statvfs``; purging is an unmount and an unlink), so no planted link
+is ever followed. Jails of one principal run as different uids, so they write with umask 0 (set in
+the jail) and every tenant's run can extend what its earlier runs installed.
+
+Layout under SKILL_DEPS_PATH (0711 directories: jails bind from here, nobody lists it):
+``images/<key>.img`` and ``images/<key>.principal`` (the prefix, for the admin API), ``mounts/<key>``.
+``key`` is a keyed hash of the prefix, so other local users cannot even name a tenant's cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from sandboxes.host import unmount
+
+log = logging.getLogger("interpreter.egress")
+
+ECOSYSTEMS = {"python": "python", "node": "node", "go": "go", "cargo": "cargo"}  # what the admin API reports
+TOP_DIRS = ("python", "node", "go", "cargo", "cache")
+MIN_MIB = 16
+
+
+class DepsError(Exception):
+    """A principal's cache could not be made ready (no loop devices, mkfs missing, disk full)."""
+
+
+@dataclass(frozen=True)
+class DepsLayout:
+    root: Path
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def mounts(self) -> Path:
+        return self.root / "mounts"
+
+
+class SkillDeps:
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.layout = DepsLayout(root)
+        self.max_bytes = max_bytes
+        self._locks: dict[str, trio.Lock] = {}
+        self._salt = b""
+
+    def prepare(self) -> None:
+        """The directories and the salt (blocking; at start)."""
+        for directory in (self.layout.root, self.layout.images, self.layout.mounts):
+            directory.mkdir(mode=0o711, parents=True, exist_ok=True)
+            directory.chmod(0o711)
+        salt = self.layout.root / ".salt"
+        if not salt.exists():
+            fd = os.open(salt, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as file:
+                file.write(secrets.token_bytes(32))
+        self._salt = salt.read_bytes()
+
+    def key(self, prefix: str) -> str:
+        return hashlib.sha256(self._salt + prefix.encode()).hexdigest()[:32]
+
+    def mount_point(self, prefix: str) -> Path:
+        return self.layout.mounts / self.key(prefix)
+
+    async def ensure(self, prefix: str) -> Path:
+        """The principal's cache, mounted (made on first use). Raises DepsError."""
+        key = self.key(prefix)
+        async with self._locks.setdefault(key, trio.Lock()):
+            try:
+                return await trio.to_thread.run_sync(self._ensure, key, prefix)
+            except (OSError, subprocess.CalledProcessError) as exc:
+                log.error("a package cache could not be mounted", extra={"fields": {"error": str(exc)[:500]}})
+                raise DepsError(str(exc)) from None
+
+    def _ensure(self, key: str, prefix: str) -> Path:
+        image, mount = self.layout.images / f"{key}.img", self.layout.mounts / key
+        if mount.is_dir() and os.path.ismount(mount):
+            return mount
+        fresh = not image.exists()
+        if fresh:
+            partial = image.with_suffix(".new")
+            with open(partial, "wb") as file:
+                file.truncate(self.max_bytes)  # sparse: only what is written takes disk space
+            subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-i", "8192", "-J", "size=4",
+                            "-E", "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0", str(partial)],
+                           check=True, capture_output=True, timeout=60)  # fmt: skip
+            partial.rename(image)
+            (self.layout.images / f"{key}.principal").write_text(prefix)
+        mount.mkdir(mode=0o700, exist_ok=True)
+        subprocess.run(["mount", "-o", "loop,nosuid,nodev,noatime", str(image), str(mount)], check=True,
+                       capture_output=True, timeout=60)  # fmt: skip
+        if fresh:
+            for name in TOP_DIRS:
+                (mount / name).mkdir(exist_ok=True)
+                (mount / name).chmod(0o777)
+            (mount / "lost+found").rmdir()
+        mount.chmod(0o777)  # (the mounted filesystem's root) any uid of the principal's jails writes here
+        return mount
+
+    # --- what admins see and do ----------------------------------------------------------------------------
+
+    def usage(self) -> dict[str, object]:
+        """Per principal: used bytes (statvfs when mounted, else the image's allocated size) and, when mounted,
+        per ecosystem (a walk that follows no links). Blocking."""
+        principals, ecosystems = [], {name: {"exists": False, "bytes": 0} for name in ECOSYSTEMS}
+        for image in sorted(self.layout.images.glob("*.img")):
+            key = image.stem
+            mount = self.layout.mounts / key
+            try:
+                prefix = (self.layout.images / f"{key}.principal").read_text().strip()
+            except OSError:
+                prefix = ""
+            entry: dict[str, object] = {"principal_prefix": prefix, "limit_bytes": image.stat().st_size,
+                                        "mounted": os.path.ismount(mount)}  # fmt: skip
+            if entry["mounted"]:
+                stats = os.statvfs(mount)
+                entry["used_bytes"] = (stats.f_blocks - stats.f_bfree) * stats.f_frsize
+                for name, directory in ECOSYSTEMS.items():
+                    size = _tree_bytes(mount / directory)
+                    ecosystems[name]["exists"] = ecosystems[name]["exists"] or size is not None
+                    ecosystems[name]["bytes"] += size or 0
+            else:
+                entry["used_bytes"] = image.stat().st_blocks * 512
+            principals.append(entry)
+        return {"principals": principals, "ecosystems": ecosystems,
+                "total_bytes": sum(int(p["used_bytes"]) for p in principals)}  # type: ignore[call-overload]  # fmt: skip
+
+    async def purge(self, prefix: str | None) -> dict[str, object]:
+        """Remove one principal's cache (or all). Jails using it keep it until they end; the next run of the
+        principal gets a fresh one."""
+        keys = [self.key(prefix)] if prefix is not None else [image.stem for image in self.layout.images.glob("*.img")]
+        freed, errors, purged = 0, [], 0
+        for key in keys:
+            async with self._locks.setdefault(key, trio.Lock()):
+                try:
+                    size = await trio.to_thread.run_sync(self._purge, key)
+                except OSError as exc:
+                    errors.append(f"{key}: {exc.strerror or exc}")
+                    continue
+            if size is not None:
+                freed, purged = freed + size, purged + 1
+        return {"purged": not errors, "path": str(self.layout.root), "principals": purged, "freed_bytes": freed,
+                "errors": errors}  # fmt: skip
+
+    def _purge(self, key: str) -> int | None:
+        image, mount = self.layout.images / f"{key}.img", self.layout.mounts / key
+        if not image.exists():
+            return None
+        size = image.stat().st_blocks * 512
+        unmount(mount)  # lazy: jails that have it keep it; the loop device goes with the last of them
+        if mount.exists():
+            mount.rmdir()
+        image.unlink()
+        (self.layout.images / f"{key}.principal").unlink(missing_ok=True)
+        return size
+
+    def unmount_all(self) -> None:
+        """At shutdown (blocking): every cache unmounted (lazily), images kept for the next start."""
+        for mount in self.layout.mounts.iterdir():
+            try:
+                unmount(mount)
+            except OSError as exc:
+                log.warning("a package cache could not be unmounted", extra={"fields": {"error": exc.strerror}})
+
+
+def _tree_bytes(top: Path) -> int | None:
+    """Allocated bytes below ``top`` (None if it does not exist), following no links, staying on its mount."""
+    try:
+        device = top.lstat().st_dev
+    except OSError:
+        return None
+    total, pending = 0, [top]
+    while pending:
+        try:
+            entries = list(os.scandir(pending.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            total += info.st_blocks * 512
+            if entry.is_dir(follow_symlinks=False) and info.st_dev == device:
+                pending.append(Path(entry.path))
+    return total

@@ -1,0 +1,73 @@
+"""Sandbox network access assembled from the settings: the proxy, the package caches, the jails' side."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from interpreter.egress.allowlist import Allowlist
+from interpreter.egress.deps import MIN_MIB, DepsError, SkillDeps
+from interpreter.egress.proxy import EgressProxy, Resolver, Tap, system_resolver
+from interpreter.egress.registries import Registries, discover
+from interpreter.errors import ServiceUnavailable, SettingsError
+from interpreter.settings import Settings
+from sandboxes.jail import Egress
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SandboxNetwork:
+    proxy: EgressProxy
+    deps: SkillDeps
+    jail: Egress  # the proxy's port and the registries' settings; ``deps`` is set per principal
+    registries: Registries
+
+    async def jail_for(self, owner: str) -> Egress:
+        """The jail side for a sandbox of ``owner`` (a principal's storage prefix): with its package cache."""
+        try:
+            return replace(self.jail, deps=await self.deps.ensure(owner))
+        except DepsError:
+            raise ServiceUnavailable("The package cache could not be prepared; see the server log") from None
+
+    def attach(self, listener: socket.socket, run_id: str, owner: str) -> Tap:
+        return self.proxy.attach(listener, run_id, owner)
+
+    def describe(self) -> dict[str, object]:
+        """For doctor and /health/detailed."""
+        return {"allowlist": self.proxy.allowlist.entries(), "port": self.jail.port,
+                "skill_deps_path": str(self.deps.layout.root), "skill_deps_max_bytes": self.deps.max_bytes,
+                "unreachable_registries": list(self.registries.skipped)}  # fmt: skip
+
+
+def allowlist_for(settings: Settings, registries: Registries) -> Allowlist:
+    try:
+        return Allowlist.of(registries.hosts() + list(settings.sandbox_egress_allowlist))
+    except ValueError as exc:
+        raise SettingsError(f"SANDBOX_EGRESS_ALLOWLIST: {exc}") from None
+
+
+def open_network(settings: Settings, resolver: Resolver = system_resolver) -> SandboxNetwork | None:
+    """None unless ENABLE_SANDBOX_NETWORK. ``resolver`` is the machine's; only the test suite passes another.
+
+    Raises:
+        SettingsError: an invalid allowlist entry, a cache size too small for a filesystem, or an unusable
+            SKILL_DEPS_PATH.
+    """
+    if not settings.enable_sandbox_network:
+        return None
+    if not settings.enable_network_isolation:
+        raise SettingsError("ENABLE_SANDBOX_NETWORK=true needs ENABLE_NETWORK_ISOLATION=true: a sandbox on the "
+                            "host's network would bypass the egress proxy")  # fmt: skip
+    if settings.skill_deps_max_mib < MIN_MIB:
+        raise SettingsError(f"SKILL_DEPS_MAX_MB: at least {MIN_MIB} with ENABLE_SANDBOX_NETWORK=true")
+    registries = discover(os.environ, settings.sandbox_venv)
+    deps = SkillDeps(Path(settings.skill_deps_path), settings.skill_deps_max_mib * MIB)
+    try:
+        deps.prepare()
+    except OSError as exc:
+        raise SettingsError(f"SKILL_DEPS_PATH: cannot prepare {settings.skill_deps_path}: {exc.strerror}") from None
+    jail = Egress(port=settings.sandbox_egress_port, registries_env=tuple(sorted(registries.sandbox_env().items())))
+    return SandboxNetwork(EgressProxy(allowlist_for(settings, registries), resolver), deps, jail, registries)
