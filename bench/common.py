@@ -34,8 +34,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def start_server(port: int, key: str, work: Path, extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """``interpreter serve`` on 127.0.0.1:port, its log in work/server.log; returns once /health answers.
+def start_server(port: int, key: str, work: Path, extra: dict[str, str] | None = None,
+                 command: list[str] | None = None) -> subprocess.Popen[bytes]:  # fmt: skip
+    """``interpreter serve`` (or ``command``) on 127.0.0.1:port, its log in work/server.log; returns once /health
+    answers.
 
     SSL_CERT_FILE is dropped from the environment: this host exports it for OpenSSL, and it is also the
     guide's certificate variable.
@@ -45,8 +47,8 @@ def start_server(port: int, key: str, work: Path, extra: dict[str, str] | None =
                DATA_DIR=str(work / "data"), LOG_LEVEL="WARNING", **(extra or {}))  # fmt: skip
     started = time.perf_counter()
     with open(work / "server.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "interpreter", "serve"], env=env, cwd=work, stdout=log,
-                                stderr=log)  # fmt: skip
+        proc = subprocess.Popen(command or [sys.executable, "-m", "interpreter", "serve"], env=env, cwd=work,
+                                stdout=log, stderr=log)  # fmt: skip
     while True:
         try:
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
@@ -78,12 +80,13 @@ def figures(samples: list[float]) -> dict[str, float]:
 
 
 @contextmanager
-def serving(work: Path, extra: dict[str, str] | None = None) -> Iterator[tuple[str, str]]:
+def serving(work: Path, extra: dict[str, str] | None = None,
+            command: list[str] | None = None) -> Iterator[tuple[str, str]]:  # fmt: skip
     """A server with these settings in a directory of its own under ``work``: (its URL, its key)."""
     key, port = secrets.token_hex(16), free_port()
     node = work / f"node-{port}"
     node.mkdir(mode=0o755)
-    proc = start_server(port, key, node, extra)
+    proc = start_server(port, key, node, extra, command)
     try:
         yield f"http://127.0.0.1:{port}", key
     finally:

@@ -118,6 +118,23 @@ def zygote(section: dict[str, Any]) -> list[str]:
     return lines
 
 
+def egress(section: dict[str, Any]) -> list[str]:
+    proxy, off, on = section["proxy"], section["network_off"], section["network_on"]
+    lines = ["| the egress proxy (loopback) | direct | through the proxy |", "|---|---|---|",
+             f"| connect (to the CONNECT's 200) p50 / p95 | {proxy['connect_direct']['p50_ms']} / "
+             f"{proxy['connect_direct']['p95_ms']} ms | {proxy['connect_through_proxy']['p50_ms']} / "
+             f"{proxy['connect_through_proxy']['p95_ms']} ms |",
+             f"| download throughput | {proxy['download_mib_per_s_direct']} MiB/s | "
+             f"{proxy['download_mib_per_s_through_proxy']} MiB/s ({proxy['throughput_ratio']}x) |"]  # fmt: skip
+    lines += ["", "| over HTTP, p50 / p95 | sandbox network off | sandbox network on |", "|---|---|---|"]
+    for key, label in (("new_session_py", "new Python session `print(1)`"), ("one_shot_bash", "one-shot `bash`")):
+        lines.append(f"| {label} | {off[key]['p50_ms']} / {off[key]['p95_ms']} ms | "
+                     f"{on[key]['p50_ms']} / {on[key]['p95_ms']} ms |")  # fmt: skip
+    lines.append(f"| `pip install` of a small wheel, first / again (whole request) | | "
+                 f"{on['pip_install_first_s']} / {on['pip_install_again_s']} s |")  # fmt: skip
+    return lines
+
+
 def render(report: dict[str, Any]) -> str:
     parts = []
     if "foundation" in report:
@@ -140,6 +157,8 @@ def render(report: dict[str, Any]) -> str:
         parts += ["", *programmatic(report["programmatic"]), "", measured]
     if "files" in report:
         parts += ["", *files(report["files"]), "", f"Measured {report['files']['measured_at']} (bench/files.py)."]
+    if "egress" in report:
+        parts += ["", *egress(report["egress"]), "", f"Measured {report['egress']['measured_at']} (bench/egress.py)."]
     return "\n".join(parts).strip()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from interpreter import __version__, keys_cli
 from interpreter.errors import SettingsError
@@ -23,7 +23,8 @@ def _settings_or_exit() -> Settings:
         raise SystemExit(EXIT_CONFIG) from None
 
 
-def _serve() -> int:
+def _serve(run: Callable[[Settings], Awaitable[None]] | None = None) -> int:
+    """``interpreter serve``; ``run`` replaces ``interpreter.main.serve`` (the test suite's entry points only)."""
     import trio
 
     from interpreter.logs import configure_logging
@@ -51,7 +52,7 @@ def _serve() -> int:
     )
     status = 0
     try:
-        trio.run(serve, settings)
+        trio.run(run or serve, settings)
     except* SettingsError as group:  # also when raised inside a nursery (wrapped in a group)
         print(f"interpreter: invalid configuration: {_first(group)}", file=sys.stderr)
         status = EXIT_CONFIG

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
+from interpreter.egress.registries import discover
+from interpreter.egress.service import allowlist_for
 from interpreter.errors import SettingsError
 from interpreter.execution.setup import kernel_mode, pool_config
 from interpreter.settings import Settings
@@ -234,6 +236,35 @@ def check_kernel_mode(settings: Settings) -> Iterator[Finding]:
     yield Finding(level, "kernel mode", f"{mode}: {why}")
 
 
+def check_sandbox_network(settings: Settings, environ: dict[str, str] | None = None) -> Iterator[Finding]:
+    """ENABLE_SANDBOX_NETWORK: what the proxy will allow, and whether package caches can be made here."""
+    if not settings.enable_sandbox_network:
+        yield Finding("ok", "sandbox network", "off (ENABLE_SANDBOX_NETWORK=false): sandboxes have no network")
+        return
+    if not settings.enable_network_isolation:
+        yield Finding("fail", "sandbox network", "needs ENABLE_NETWORK_ISOLATION=true (else the proxy is bypassed)")
+    registries = discover(os.environ if environ is None else environ, settings.sandbox_venv)
+    try:
+        allowlist = allowlist_for(settings, registries)
+    except SettingsError as exc:
+        yield Finding("fail", "sandbox network", str(exc))
+        return
+    yield Finding("ok", "sandbox network", "sandboxes may reach, on port 443 and by name only: "
+                  + ", ".join(allowlist.entries()))  # fmt: skip
+    for url in registries.skipped:
+        yield Finding("warn", "sandbox network", f"{url} is configured but not an https URL on port 443: "
+                      "sandboxes cannot use it through the proxy")  # fmt: skip
+    missing = [tool for tool in ("/usr/bin/nsenter", "/sbin/mkfs.ext4", "/bin/mount") if not Path(tool).exists()]
+    if missing:
+        yield Finding("fail", "package caches", f"missing {', '.join(missing)}: apt-get install util-linux "
+                      "e2fsprogs mount")  # fmt: skip
+    elif not Path("/dev/loop-control").exists():
+        yield Finding("fail", "package caches", "no /dev/loop-control: load the loop module (modprobe loop)")
+    else:
+        yield Finding("ok", "package caches", f"{settings.skill_deps_max_mib} MiB per principal under "
+                      f"{settings.skill_deps_path}")  # fmt: skip
+
+
 def collect(settings: Settings, *, languages_dir: Path, sandbox_venv: Path) -> list[Finding]:
     checks: list[Callable[[], Iterator[Finding]]] = [
         lambda: check_nsjail(settings),
@@ -243,6 +274,7 @@ def collect(settings: Settings, *, languages_dir: Path, sandbox_venv: Path) -> l
         lambda: check_directories(settings),
         lambda: check_uid_range(settings),
         lambda: check_kernel_mode(settings),
+        lambda: check_sandbox_network(settings),
         lambda: check_stores(settings),
     ]
     return [finding for check in checks for finding in check()]

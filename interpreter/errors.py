@@ -92,6 +92,12 @@ class NotFound(InterpreterError):
     message = "Not found"
 
 
+class Conflict(InterpreterError):
+    status = 409
+    error_type = "resource_conflict"
+    message = "The request conflicts with the server's state"
+
+
 class RequestTimeout(InterpreterError):
     status = 408
     error_type = "timeout"

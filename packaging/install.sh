@@ -34,6 +34,8 @@ APT_PACKAGES=(
     gfortran ldc default-jdk-headless g++ gcc bash jq
     # zygote kernels: children compile their seccomp filter with it
     libseccomp2
+    # the sandbox network: nsenter, mount and loop devices, mkfs.ext4 for the package caches, CA certificates
+    util-linux mount e2fsprogs ca-certificates
 )
 # What sandboxed Python code can import (DESIGN §3: the kernel imports cloudpickle, numpy, pandas, matplotlib).
 SANDBOX_REQUIREMENTS=(

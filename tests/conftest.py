@@ -128,8 +128,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 class ServerProcess:
     """A real ``interpreter serve`` process, shared by the tests of a module (DESIGN §10)."""
 
-    def __init__(self, base: Path, **env: str) -> None:
+    def __init__(self, base: Path, command: list[str] | None = None, **env: str) -> None:
         self.base = base
+        self.command = command or [sys.executable, "-m", "interpreter", "serve"]
         self.key = TEST_KEY
         self.port = free_port()
         # A uid range of its own, so a test can tell this server's sandbox processes from any other's.
@@ -160,7 +161,7 @@ class ServerProcess:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "interpreter", "serve"],
+            self.command,
             env=self.env,
             cwd=self.base,
             stdout=subprocess.DEVNULL,
@@ -249,10 +250,10 @@ class ServerProcess:
 
 
 @contextmanager
-def serving(prefix: str, **env: str) -> Iterator[ServerProcess]:
+def serving(prefix: str, command: list[str] | None = None, **env: str) -> Iterator[ServerProcess]:
     """A started server process in a 0755 directory of its own; stopped and removed afterwards."""
     base = open_dir(prefix)
-    instance = ServerProcess(base, **env)
+    instance = ServerProcess(base, command, **env)
     instance.start()
     try:
         yield instance

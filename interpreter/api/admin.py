@@ -1,4 +1,5 @@
-"""The admin API (master key only): managed API keys in the reference server's shapes (its §3.9).
+"""The admin API (master key only): managed API keys in the reference server's shapes (its §3.9), run
+statistics, and the package caches of the sandbox network.
 
 Environment keys (API_KEY, API_KEYS) are listed with ``source: "environment"`` but cannot be changed
 here (403); they are unlimited.
@@ -10,6 +11,7 @@ import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
+import trio
 from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, Response, jsonify
 
@@ -17,7 +19,9 @@ from interpreter.api.app import current_deps
 from interpreter.api.bodies import json_body
 from interpreter.api.openapi import documented
 from interpreter.auth.managed import PERIODS, PREFIX_SHOWN, KeyRecord, ManagedKeys
-from interpreter.errors import Forbidden, NotFound, ServiceUnavailable
+from interpreter.auth.principals import Principal
+from interpreter.egress.deps import ECOSYSTEMS
+from interpreter.errors import Conflict, Forbidden, NotFound, ServiceUnavailable
 
 blueprint = Blueprint("admin", __name__, url_prefix="/api/v1/admin")
 
@@ -35,6 +39,12 @@ class CreateKey(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     rate_limits: RateLimits = Field(default_factory=RateLimits)
     metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class PurgeDeps(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    principal: str | None = Field(None, min_length=1, max_length=300, description="A principal id (env:..., key:...)")
+    principal_prefix: str | None = Field(None, pattern="^[0-9a-f]{16}$", description="As GET lists them")
 
 
 class UpdateKey(BaseModel):
@@ -129,3 +139,32 @@ async def delete_key(key_hash: str) -> Response:
     await _managed(key_hash)
     await _keys().delete(key_hash)
     return jsonify(True)
+
+
+@blueprint.get("/skill-deps")
+@documented("Package caches of the sandbox network: use per principal and per ecosystem", tag="admin")
+async def skill_deps() -> dict[str, Any]:
+    deps = current_deps()
+    path = deps.settings.skill_deps_path
+    report: dict[str, Any] = {"path": str(path), "enabled": deps.network is not None}
+    if deps.network is None:
+        ecosystems = {name: {"exists": False, "bytes": 0} for name in ECOSYSTEMS}
+        return {**report, "exists": path.exists(), "total_bytes": 0, "limit_bytes_per_principal": None,
+                "ecosystems": ecosystems, "principals": []}  # fmt: skip
+    usage = await trio.to_thread.run_sync(deps.network.deps.usage)
+    return {**report, "exists": True, "limit_bytes_per_principal": deps.network.deps.max_bytes, **usage}
+
+
+@blueprint.post("/skill-deps/purge")
+@documented("Purge every package cache, or one principal's (jails using it keep it until they end)",
+            tag="admin", body=PurgeDeps,
+            errors={409: "The sandbox network is off", 415: "Not JSON", 422: "Malformed body"})  # fmt: skip
+async def purge_skill_deps() -> dict[str, Any]:
+    network = current_deps().network
+    body = await json_body(PurgeDeps)
+    if network is None:
+        raise Conflict("The sandbox network is off (ENABLE_SANDBOX_NETWORK=false): there are no package caches")
+    prefix = body.principal_prefix
+    if body.principal is not None:
+        prefix = Principal(body.principal, "key").storage_prefix
+    return await network.deps.purge(prefix)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import trio
 
-from sandboxes.host import unmount
+from sandboxes.host import take_instance_lock, unmount
 
 log = logging.getLogger("interpreter.egress")
 
@@ -58,17 +58,24 @@ class SkillDeps:
         self._locks: dict[str, trio.Lock] = {}
         self._salt = b""
 
-    def prepare(self) -> None:
-        """The directories and the salt (blocking; at start)."""
+    def prepare(self) -> int:
+        """The directories and the salt (blocking; at start). Returns the fd of the lock held for the life of
+        the process: one server per SKILL_DEPS_PATH, or two would mount the same images.
+
+        Raises:
+            HostError: another server holds the lock.
+        """
         for directory in (self.layout.root, self.layout.images, self.layout.mounts):
             directory.mkdir(mode=0o711, parents=True, exist_ok=True)
             directory.chmod(0o711)
+        lock = take_instance_lock(self.layout.root / ".lock")
         salt = self.layout.root / ".salt"
         if not salt.exists():
             fd = os.open(salt, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as file:
                 file.write(secrets.token_bytes(32))
         self._salt = salt.read_bytes()
+        return lock
 
     def key(self, prefix: str) -> str:
         return hashlib.sha256(self._salt + prefix.encode()).hexdigest()[:32]
@@ -98,8 +105,8 @@ class SkillDeps:
             subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-i", "8192", "-J", "size=4",
                             "-E", "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0", str(partial)],
                            check=True, capture_output=True, timeout=60)  # fmt: skip
-            partial.rename(image)
             (self.layout.images / f"{key}.principal").write_text(prefix)
+            partial.rename(image)
         mount.mkdir(mode=0o700, exist_ok=True)
         subprocess.run(["mount", "-o", "loop,nosuid,nodev,noatime", str(image), str(mount)], check=True,
                        capture_output=True, timeout=60)  # fmt: skip

@@ -166,9 +166,10 @@ class EgressProxy:
                     self.tunnels.inc()
                     log.debug("egress tunnel", extra={"fields": {"run_id": tap.run_id, "host": host}})
                     await client.send_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                    if rest:
-                        await upstream.send_all(rest)
+                    if rest:  # sent right behind the head, before the 200
                         tap.sent += len(rest)
+                        self.bytes.inc(len(rest), direction="out")
+                        await upstream.send_all(rest)
                     await _splice(client, upstream, tap, self.bytes)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # either side went away
@@ -239,13 +240,13 @@ async def _splice(client: trio.SocketStream, upstream: trio.SocketStream, tap: T
         async def pump(source: trio.SocketStream, sink: trio.SocketStream, outbound: bool) -> None:
             try:
                 while chunk := await source.receive_some(CHUNK):
-                    await sink.send_all(chunk)
-                    idle.deadline = trio.current_time() + IDLE_TIMEOUT_S
                     if outbound:
                         tap.sent += len(chunk)
                     else:
                         tap.received += len(chunk)
                     counter.inc(len(chunk), direction="out" if outbound else "in")
+                    await sink.send_all(chunk)
+                    idle.deadline = trio.current_time() + IDLE_TIMEOUT_S
                 await sink.send_eof()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 idle.cancel()  # one side broke: the tunnel is over

@@ -13,6 +13,7 @@ from interpreter.egress.proxy import EgressProxy, Resolver, Tap, system_resolver
 from interpreter.egress.registries import Registries, discover
 from interpreter.errors import ServiceUnavailable, SettingsError
 from interpreter.settings import Settings
+from sandboxes.host import HostError
 from sandboxes.jail import Egress
 
 MIB = 1024 * 1024
@@ -27,6 +28,8 @@ class SandboxNetwork:
 
     async def jail_for(self, owner: str) -> Egress:
         """The jail side for a sandbox of ``owner`` (a principal's storage prefix): with its package cache."""
+        if not owner:
+            raise ValueError("a sandbox with the network on belongs to a principal")
         try:
             return replace(self.jail, deps=await self.deps.ensure(owner))
         except DepsError:
@@ -66,7 +69,9 @@ def open_network(settings: Settings, resolver: Resolver = system_resolver) -> Sa
     registries = discover(os.environ, settings.sandbox_venv)
     deps = SkillDeps(Path(settings.skill_deps_path), settings.skill_deps_max_mib * MIB)
     try:
-        deps.prepare()
+        deps.prepare()  # (its lock is held until the process ends)
+    except HostError as exc:
+        raise SettingsError(f"SKILL_DEPS_PATH: {exc}") from None
     except OSError as exc:
         raise SettingsError(f"SKILL_DEPS_PATH: cannot prepare {settings.skill_deps_path}: {exc.strerror}") from None
     jail = Egress(port=settings.sandbox_egress_port, registries_env=tuple(sorted(registries.sandbox_env().items())))

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from interpreter import __version__
-from interpreter.doctor import check_kernel_mode, collect
+from interpreter.doctor import check_kernel_mode, check_sandbox_network, collect
 from interpreter.resources import sandboxes_dir
 from interpreter.settings import load_settings
 from tests.conftest import TEST_KEY, ServerProcess, cli_env, free_port, make_settings
@@ -57,6 +57,25 @@ def test_doctor_explains_the_kernel_mode_chosen() -> None:
                  for mode in ("auto", "zygote", "nsjail")}  # fmt: skip
     assert [explained[mode].level for mode in ("auto", "zygote", "nsjail")] == ["ok", "ok", "ok"]
     assert explained["nsjail"].message.startswith("nsjail: KERNEL_MODE=nsjail: a fresh nsjail per kernel")
+
+
+def test_doctor_shows_the_effective_allowlist_of_the_sandbox_network() -> None:
+    off = list(check_sandbox_network(load_settings({}, env_file=None)))
+    assert [(f.level, f.message) for f in off] == [
+        ("ok", "off (ENABLE_SANDBOX_NETWORK=false): sandboxes have no network")]  # fmt: skip
+    settings = load_settings({"ENABLE_SANDBOX_NETWORK": "true", "SANDBOX_EGRESS_ALLOWLIST": ".corp.example"},
+                             env_file=None)  # fmt: skip
+    found = list(check_sandbox_network(settings, {"PIP_INDEX_URL": "https://pypi.corp.example/simple",
+                                                  "PIP_EXTRA_INDEX_URL": "file:///opt/wheels"}))  # fmt: skip
+    allowed = found[0].message
+    assert "pypi.corp.example" in allowed
+    assert ".corp.example" in allowed
+    assert "registry.npmjs.org" in allowed
+    assert "pypi.org" not in allowed.replace("pypi.corp", "")  # the mirror replaces PyPI
+    assert found[1].level == "warn"
+    assert "file:///opt/wheels" in found[1].message
+    if os.environ.get("CI") == "true":
+        assert [f.level for f in found[2:]] == ["ok"]  # the install script puts mkfs, mount, nsenter in place
 
 
 def test_doctor_fails_and_explains_a_missing_nsjail(work_dir: Path) -> None:

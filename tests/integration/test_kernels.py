@@ -6,6 +6,7 @@ Two nodes sharing Redis + S3 are in tests/stores/test_server_kernels.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -216,8 +217,9 @@ def test_the_kernel_of_a_session_is_replaced_when_killed_from_outside(kernels: S
         for run_id in details(kernels)["run_ids"]:
             for cgroup in Path("/sys/fs/cgroup/memory").glob(f"interpreter-*/run-{run_id}"):
                 for pid in (cgroup / "cgroup.procs").read_text().split():
-                    if Path(f"/proc/{pid}/comm").read_text().startswith("python"):
-                        os.kill(int(pid), signal.SIGKILL)
+                    with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # it ended meanwhile
+                        if Path(f"/proc/{pid}/comm").read_text().startswith("python"):
+                            os.kill(int(pid), signal.SIGKILL)
 
     assert before
     killer = threading.Thread(target=kill_the_running_kernel)

@@ -10,6 +10,7 @@ from interpreter.resources import sandboxes_dir
 from sandboxes.jail import (
     RUNTIME_ETC,
     SECCOMP_POLICY,
+    Egress,
     Identity,
     Limits,
     RunPaths,
@@ -189,3 +190,36 @@ def test_all_thirteen_languages_are_defined() -> None:
         ["py", "js", "ts", "go", "java", "c", "cpp", "php", "rs", "r", "f90", "d", "bash"]
     )
     assert all(isinstance(spec, LanguageSpec) for spec in LANGUAGES.values())
+
+
+EGRESS = Egress(port=18443, registries_env=(("PIP_INDEX_URL", "https://pypi.org/simple"),), deps=Path("/srv/deps/k1"))
+
+
+@pytest.mark.parametrize("code", ["py", "bash", "js", "go"])
+def test_with_egress_a_jail_joins_the_prepared_namespace_and_gets_its_principals_cache(code: str) -> None:
+    argv = argv_for(code, egress=EGRESS)
+    jail = jail_part(argv)
+    assert "--disable_clone_newnet" in jail  # the namespace the launcher was started in: lo + the proxy
+    assert "/srv/deps/k1:/opt/skill-deps" in flag_values(jail, "--bindmount")
+    assert "/etc/ssl/certs" in flag_values(jail, "--bindmount_ro")
+    env = dict(item.split("=", 1) for item in flag_values(jail, "--env"))
+    assert env["HTTPS_PROXY"] == env["https_proxy"] == "http://127.0.0.1:18443"
+    assert env["NO_PROXY"] == "localhost,127.0.0.1,::1"
+    assert env["PIP_INDEX_URL"] == "https://pypi.org/simple"
+    assert env["PIP_TARGET"] == "/opt/skill-deps/python"
+    assert env["PYTHONPATH"].split(":")[-1] == "/opt/skill-deps/python"
+    assert env["NPM_CONFIG_PREFIX"] == "/opt/skill-deps/node"
+    assert env["CARGO_HOME"] == "/opt/skill-deps/cargo"
+    assert env["GOMODCACHE"] == "/opt/skill-deps/go/pkg/mod"
+    assert "-modcacherw" in env["GOFLAGS"].split()
+    assert env["PATH"].startswith("/opt/skill-deps/python/bin:")
+    assert env["PATH"].endswith(":/opt/venv/bin")
+    assert argv[argv.index("-c") + 1].startswith("umask 0; ")  # files for every uid of the principal's jails
+
+
+def test_without_egress_nothing_of_it_is_there() -> None:
+    argv = argv_for("py")
+    env = dict(item.split("=", 1) for item in flag_values(jail_part(argv), "--env"))
+    assert not {"HTTPS_PROXY", "https_proxy", "PIP_TARGET", "NPM_CONFIG_PREFIX"} & set(env)
+    assert not any("/opt/skill-deps" in value for value in flag_values(jail_part(argv), "--bindmount"))
+    assert "umask" not in argv[argv.index("-c") + 1]
