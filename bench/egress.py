@@ -12,12 +12,14 @@ Writes bench/report.json (section "egress"). Run: .venv/bin/python bench/egress.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import socket
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +40,12 @@ CHUNK = 1 << 20
 
 
 async def _send_bytes(stream: trio.SocketStream) -> None:
-    """The 'registry': on connect, sends DOWNLOAD_BYTES and closes."""
+    """The 'registry': on connect, sends DOWNLOAD_BYTES and closes (latency probes hang up at once)."""
     async with stream:
         block = b"\0" * CHUNK
-        for _ in range(DOWNLOAD_BYTES // CHUNK):
-            await stream.send_all(block)
+        with contextlib.suppress(trio.BrokenResourceError):
+            for _ in range(DOWNLOAD_BYTES // CHUNK):
+                await stream.send_all(block)
 
 
 def _client(port: int, runs: int, through_proxy: bool) -> tuple[list[float], float]:
@@ -72,7 +75,7 @@ def _client(port: int, runs: int, through_proxy: bool) -> tuple[list[float], flo
 
 async def proxy_alone(runs: int) -> dict[str, Any]:
     async with trio.open_nursery() as nursery:
-        registry = (await nursery.start(trio.serve_tcp, _send_bytes, 0))[0]
+        registry = (await nursery.start(partial(trio.serve_tcp, _send_bytes, 0, host="127.0.0.1")))[0]
         registry_port = registry.socket.getsockname()[1]
         proxy = EgressProxy(Allowlist.of(["pypi.org"]), MappedResolver({"pypi.org": ("127.0.0.1", registry_port)}))
         await nursery.start(proxy.run)
@@ -100,7 +103,7 @@ def latencies(http: httpx.Client, code: str, lang: str, runs: int) -> list[float
 
 
 def server_figures(work: Path, runs: int, network: bool, index_port: int, ca_pem: str) -> dict[str, Any]:
-    extra = {"KERNEL_MODE": "zygote", "LOG_LEVEL": "INFO"}
+    extra = {"KERNEL_MODE": "zygote"}
     command = None
     if network:
         deps = work / "deps"
