@@ -29,7 +29,7 @@ from sandboxes.host import take_instance_lock, unmount
 
 log = logging.getLogger("interpreter.egress")
 
-ECOSYSTEMS = {"python": "python", "node": "node", "go": "go", "cargo": "cargo"}  # what the admin API reports
+ECOSYSTEMS = ("python", "node", "go", "cargo")  # the top directories the admin API reports
 TOP_DIRS = ("python", "node", "go", "cargo", "cache")
 MIN_MIB = 16
 
@@ -123,28 +123,30 @@ class SkillDeps:
     def usage(self) -> dict[str, object]:
         """Per principal: used bytes (statvfs when mounted, else the image's allocated size) and, when mounted,
         per ecosystem (a walk that follows no links). Blocking."""
-        principals, ecosystems = [], {name: {"exists": False, "bytes": 0} for name in ECOSYSTEMS}
+        principals: list[dict[str, object]] = []
+        ecosystems = {name: {"exists": False, "bytes": 0} for name in ECOSYSTEMS}
+        total = 0
         for image in sorted(self.layout.images.glob("*.img")):
-            key = image.stem
-            mount = self.layout.mounts / key
+            key, mount = image.stem, self.layout.mounts / image.stem
             try:
+                info = image.stat()
                 prefix = (self.layout.images / f"{key}.principal").read_text().strip()
+                mounted = os.path.ismount(mount)
+                if mounted:
+                    stats = os.statvfs(mount)
+                    used = (stats.f_blocks - stats.f_bfree) * stats.f_frsize
+                    for name in ECOSYSTEMS:
+                        size = _tree_bytes(mount / name)
+                        ecosystems[name]["exists"] = ecosystems[name]["exists"] or size is not None
+                        ecosystems[name]["bytes"] += size or 0
+                else:
+                    used = info.st_blocks * 512
             except OSError:
-                prefix = ""
-            entry: dict[str, object] = {"principal_prefix": prefix, "limit_bytes": image.stat().st_size,
-                                        "mounted": os.path.ismount(mount)}  # fmt: skip
-            if entry["mounted"]:
-                stats = os.statvfs(mount)
-                entry["used_bytes"] = (stats.f_blocks - stats.f_bfree) * stats.f_frsize
-                for name, directory in ECOSYSTEMS.items():
-                    size = _tree_bytes(mount / directory)
-                    ecosystems[name]["exists"] = ecosystems[name]["exists"] or size is not None
-                    ecosystems[name]["bytes"] += size or 0
-            else:
-                entry["used_bytes"] = image.stat().st_blocks * 512
-            principals.append(entry)
-        return {"principals": principals, "ecosystems": ecosystems,
-                "total_bytes": sum(int(p["used_bytes"]) for p in principals)}  # type: ignore[call-overload]  # fmt: skip
+                continue  # purged meanwhile
+            total += used
+            principals.append({"principal_prefix": prefix, "limit_bytes": info.st_size, "used_bytes": used,
+                               "mounted": mounted})  # fmt: skip
+        return {"principals": principals, "ecosystems": ecosystems, "total_bytes": total}
 
     async def purge(self, prefix: str | None) -> dict[str, object]:
         """Remove one principal's cache (or all). Jails using it keep it until they end; the next run of the

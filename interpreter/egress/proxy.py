@@ -96,13 +96,13 @@ class EgressProxy:
     def __init__(self, allowlist: Allowlist, resolver: Resolver = system_resolver) -> None:
         self.allowlist, self.resolver = allowlist, resolver
         self._nursery: trio.Nursery | None = None
-        self.taps: set[int] = set()
+        self.attached = 0  # sandboxes served now
         self.tunnels = Counter("interpreter_egress_tunnels_total", "Egress tunnels opened by sandboxes")
         self.refusals = Counter("interpreter_egress_refusals_total", "Egress requests refused, by status")
         self.bytes = Counter("interpreter_egress_bytes_total", "Bytes through egress tunnels, by direction")
 
     def statistics(self) -> dict[str, object]:
-        return {"attached": len(self.taps), "tunnels": sum(self.tunnels.values.values()),
+        return {"attached": self.attached, "tunnels": sum(self.tunnels.values.values()),
                 "refused": sum(self.refusals.values.values())}  # fmt: skip
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
@@ -114,7 +114,6 @@ class EgressProxy:
                 await trio.sleep_forever()
         finally:
             self._nursery = None
-            self.taps.clear()
 
     def attach(self, listener: socket.socket, run_id: str, owner: str) -> Tap:
         """Serve ``listener`` (a listening socket in one sandbox's namespace; the proxy owns it from here)
@@ -127,7 +126,7 @@ class EgressProxy:
         return tap
 
     async def _serve_sandbox(self, listener: trio.socket.SocketType, tap: Tap) -> None:
-        self.taps.add(id(tap))
+        self.attached += 1
         slots = trio.Semaphore(TUNNELS_PER_SANDBOX)
         try:
             with tap.scope, listener:
@@ -141,7 +140,7 @@ class EgressProxy:
                             raise
                         tunnels.start_soon(self._tunnel, trio.SocketStream(sock), tap, slots)
         finally:
-            self.taps.discard(id(tap))
+            self.attached -= 1
 
     async def _tunnel(self, client: trio.SocketStream, tap: Tap, slots: trio.Semaphore) -> None:
         target = ""
@@ -190,6 +189,9 @@ class EgressProxy:
                     sock.close()
                     error = exc
                     continue
+                except BaseException:  # cancelled (the timeout): no half-open socket left behind
+                    sock.close()
+                    raise
                 return trio.SocketStream(sock)
             raise Refused(502, f"{host} refused the connection ({error.strerror if error else 'no address'})")
         raise Refused(504, f"{host} did not answer in {CONNECT_TIMEOUT_S:g} s")

@@ -31,8 +31,12 @@ async def proxy_and_registry() -> AsyncIterator[tuple[int, EgressProxy, Tap]]:
         answers = {"rebind.example": ["127.0.0.1"], "private.example": ["10.1.2.3"],
                    "mixed.example": ["8.8.8.8", "192.168.1.1"], "mapped.example": ["::ffff:127.0.0.1"],
                    "linklocal.example": ["169.254.169.254"]}  # fmt: skip
-        resolver = MappedResolver({"pypi.org": ("127.0.0.1", registry_port)}, answers)
-        allowlist = Allowlist.of(["pypi.org", ".pythonhosted.org", "nowhere.example", *answers])
+        with socket.socket() as closed:  # a port nothing listens on
+            closed.bind(("127.0.0.1", 0))
+            closed_port = closed.getsockname()[1]
+        resolver = MappedResolver({"pypi.org": ("127.0.0.1", registry_port),
+                                   "closed.example": ("127.0.0.1", closed_port)}, answers)  # fmt: skip
+        allowlist = Allowlist.of(["pypi.org", ".pythonhosted.org", "nowhere.example", "closed.example", *answers])
         proxy = EgressProxy(allowlist, resolver)
         await nursery.start(proxy.run)
         listener = socket.create_server(("127.0.0.1", 0))
@@ -82,6 +86,7 @@ def status(reply: bytes) -> int:
         ("CONNECT mapped.example:443", 403),  # loopback dressed as IPv6
         ("CONNECT linklocal.example:443", 403),  # the cloud metadata address
         ("CONNECT nowhere.example:443", 502),  # allowlisted, does not resolve
+        ("CONNECT closed.example:443", 502),  # allowlisted, resolves, refuses the connection
         ("CONNECT pypi.org", 400),  # no port
         ("CONNECT bad_name!.org:443", 400),
         ("GET http://pypi.org/simple/ HTTP/1.1", 405),  # plain HTTP is not proxied
