@@ -312,7 +312,7 @@ async def _receive_listener(sock: trio.socket.SocketType) -> socket.socket:
     """The child's listening socket (checked: a TCP socket listening on loopback, nothing else)."""
     fds = array.array("i")
     space = socket.CMSG_SPACE(fds.itemsize) + socket.CMSG_SPACE(UCRED.size)
-    message, ancillary, _, _ = await sock.recvmsg(1, space)
+    message, ancillary, _, _ = await sock.recvmsg(1, space, socket.MSG_CMSG_CLOEXEC)
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
