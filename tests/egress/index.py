@@ -1,7 +1,8 @@
-"""A package index over HTTPS on a loopback port, for pip inside a sandbox to install from.
+"""Package registries over HTTPS on a loopback port, for pip and npm inside a sandbox to install from.
 
-It plays both PyPI hosts (the index and the file host) with one certificate from a CA made for the test;
-the sandbox trusts that CA through pip's ``--cert``. It serves one tiny wheel, made here.
+One server plays PyPI's two hosts (the index and the file host) and npm's registry, telling them apart
+by the Host header, with one certificate from a CA made for the test; the sandbox trusts that CA through
+pip's ``--cert`` and npm's ``--cafile``. It serves tiny packages made here.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import base64
 import datetime
 import hashlib
 import io
+import json
 import ssl
+import tarfile
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -24,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-INDEX_HOST, FILES_HOST = "pypi.org", "files.pythonhosted.org"
+INDEX_HOST, FILES_HOST, NPM_HOST = "pypi.org", "files.pythonhosted.org", "registry.npmjs.org"
 
 
 def make_wheel(name: str, version: str, source: str) -> tuple[str, bytes]:
@@ -49,6 +52,31 @@ def make_wheel(name: str, version: str, source: str) -> tuple[str, bytes]:
     return f"{dist}-py3-none-any.whl", buffer.getvalue()
 
 
+def make_npm_package(name: str, version: str, source: str) -> bytes:
+    """An npm package tarball whose ``index.js`` is ``source``."""
+    files = {"package/package.json": json.dumps({"name": name, "version": version, "main": "index.js"}).encode(),
+             "package/index.js": source.encode()}  # fmt: skip
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path, data in files.items():
+            info = tarfile.TarInfo(path)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _packument(name: str, version: str, tarball: bytes) -> bytes:
+    """npm's document for a package: its one version and where its tarball is."""
+    integrity = "sha512-" + base64.b64encode(hashlib.sha512(tarball).digest()).decode()
+    dist = {
+        "tarball": f"https://{NPM_HOST}/{name}/-/{name}-{version}.tgz",
+        "integrity": integrity,
+        "shasum": hashlib.sha1(tarball).hexdigest(),
+    }
+    return json.dumps({"name": name, "dist-tags": {"latest": version},
+                       "versions": {version: {"name": name, "version": version, "dist": dist}}}).encode()  # fmt: skip
+
+
 def _certificates(directory: Path) -> tuple[bytes, Path, Path]:
     """(CA certificate PEM, server certificate file, server key file) for both PyPI names."""
     now = datetime.datetime.now(datetime.UTC)
@@ -67,8 +95,8 @@ def _certificates(directory: Path) -> tuple[bytes, Path, Path]:
     leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, INDEX_HOST)]))
             .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(INDEX_HOST), x509.DNSName(FILES_HOST)]),
-                           critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host) for host in (INDEX_HOST, FILES_HOST,
+                                                                                         NPM_HOST)]), critical=False)
             .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))  # fmt: skip
@@ -87,17 +115,27 @@ class PackageIndex:
 
 
 @contextmanager
-def package_index(directory: Path, wheels: dict[str, tuple[str, bytes]]) -> Iterator[PackageIndex]:
-    """Serve ``wheels`` (project name -> (file name, bytes)) as a PEP 503 index on 127.0.0.1."""
+def package_index(directory: Path, wheels: dict[str, tuple[str, bytes]],
+                  npm: dict[str, tuple[str, bytes]] | None = None) -> Iterator[PackageIndex]:  # fmt: skip
+    """Serve ``wheels`` (project name -> (file name, bytes)) as a PEP 503 index and ``npm`` (package name ->
+    (version, tarball)) as an npm registry, on 127.0.0.1."""
+    npm = npm or {}
     ca_pem, cert_file, key_file = _certificates(directory)
     requests: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            requests.append(f"{self.headers.get('Host', '')} {self.path}")
-            parts = self.path.strip("/").split("/")
+            host = self.headers.get("Host", "").split(":")[0]
+            requests.append(f"{host} {self.path}")
+            parts = self.path.split("?")[0].strip("/").split("/")
             body, kind = None, "text/html"
-            if parts[0] == "simple" and len(parts) == 2 and parts[1] in wheels:
+            if host == NPM_HOST:
+                name = parts[0]
+                if name in npm and len(parts) == 1:
+                    body, kind = _packument(name, *npm[name]), "application/json"
+                elif name in npm and parts[1:] == ["-", f"{name}-{npm[name][0]}.tgz"]:
+                    body, kind = npm[name][1], "application/octet-stream"
+            elif parts[0] == "simple" and len(parts) == 2 and parts[1] in wheels:
                 name, data = wheels[parts[1]]
                 digest = hashlib.sha256(data).hexdigest()
                 body = f'<a href="https://{FILES_HOST}/packages/{name}#sha256={digest}">{name}</a>'.encode()

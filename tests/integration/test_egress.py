@@ -13,7 +13,15 @@ import pytest
 
 from interpreter.auth.principals import env_principal
 from tests.conftest import TEST_KEY, ServerProcess, open_dir
-from tests.egress.index import FILES_HOST, INDEX_HOST, PackageIndex, make_wheel, package_index
+from tests.egress.index import (
+    FILES_HOST,
+    INDEX_HOST,
+    NPM_HOST,
+    PackageIndex,
+    make_npm_package,
+    make_wheel,
+    package_index,
+)
 from tests.egress.serving import REBIND, network_server
 
 pytestmark = pytest.mark.nsjail
@@ -22,13 +30,15 @@ OTHER_KEY = "other-tenant-" + secrets.token_hex(12)
 MASTER = "master-" + secrets.token_hex(12)
 WHEEL = make_wheel("egresstest_pkg", "1.0", "VALUE = 42\n")
 KERNEL_WHEEL = make_wheel("kerneltest_pkg", "2.0", "VALUE = 'from the kernel'\n")
+NPM_PACKAGE = make_npm_package("egresstest-npm", "1.2.3", "module.exports = () => 'from npm';\n")
 
 
 @pytest.fixture(scope="module")
 def index() -> Iterator[PackageIndex]:
     directory = open_dir("interp-index-")
     try:
-        with package_index(directory, {"egresstest-pkg": WHEEL, "kerneltest-pkg": KERNEL_WHEEL}) as served:
+        wheels = {"egresstest-pkg": WHEEL, "kerneltest-pkg": KERNEL_WHEEL}
+        with package_index(directory, wheels, {"egresstest-npm": ("1.2.3", NPM_PACKAGE)}) as served:
             yield served
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -89,6 +99,18 @@ def test_a_python_kernel_installs_and_imports_in_the_same_cell(server: ServerPro
     )
     result = server.exec(code, "py", timeout_s=180)
     assert result["stdout"] == "0 \nfrom the kernel\n", result
+
+
+def test_npm_installs_globally_into_the_cache_through_the_proxy(server: ServerProcess, index: PackageIndex) -> None:
+    code = (f"cat > /tmp/ca.pem <<'EOF'\n{index.ca_pem.decode()}EOF\n"
+            "npm install -g --cafile /tmp/ca.pem egresstest-npm 2>&1 | tail -3\n"
+            "node -e 'console.log(\"result\", require(\"egresstest-npm\")())'\n")  # fmt: skip
+    result = server.exec(code, "bash", timeout_s=180)
+    assert "result from npm" in str(result["stdout"]), result
+    assert f"{NPM_HOST} /egresstest-npm" in index.requests
+    assert f"{NPM_HOST} /egresstest-npm/-/egresstest-npm-1.2.3.tgz" in index.requests
+    later = server.exec("console.log(require('egresstest-npm')())", "js")  # another run, another uid
+    assert later["stdout"] == "from npm\n", later
 
 
 def test_another_principal_never_sees_it(server: ServerProcess) -> None:
