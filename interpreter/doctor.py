@@ -254,6 +254,11 @@ def check_sandbox_network(settings: Settings, environ: dict[str, str] | None = N
     for url in registries.skipped:
         yield Finding("warn", "sandbox network", f"{url} is configured but not an https URL on port 443: "
                       "sandboxes cannot use it through the proxy")  # fmt: skip
+    cargo = cargo_version()
+    if cargo is not None and cargo < (1, 68) and not allowlist.allows("github.com"):
+        yield Finding("warn", "sandbox network", f"cargo {'.'.join(map(str, cargo))} reads crates.io's index with "
+                      "git from github.com (the sparse index needs cargo 1.68): cargo install works only with "
+                      "github.com in SANDBOX_EGRESS_ALLOWLIST")  # fmt: skip
     missing = [tool for tool in ("/usr/bin/nsenter", "/sbin/mkfs.ext4", "/bin/mount") if not Path(tool).exists()]
     if missing:
         yield Finding("fail", "package caches", f"missing {', '.join(missing)}: apt-get install util-linux "
@@ -263,6 +268,17 @@ def check_sandbox_network(settings: Settings, environ: dict[str, str] | None = N
     else:
         yield Finding("ok", "package caches", f"{settings.skill_deps_max_mib} MiB per principal under "
                       f"{settings.skill_deps_path}")  # fmt: skip
+
+
+def cargo_version() -> tuple[int, ...] | None:
+    """The version of the cargo sandboxes run (None: none installed)."""
+    if not Path("/usr/bin/cargo").exists():
+        return None
+    try:
+        words = _run(["/usr/bin/cargo", "--version"]).stdout.split()
+        return tuple(int(part) for part in words[1].split("-")[0].split(".")[:3])
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        return None
 
 
 def collect(settings: Settings, *, languages_dir: Path, sandbox_venv: Path) -> list[Finding]:

@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 INDEX_HOST, FILES_HOST, NPM_HOST = "pypi.org", "files.pythonhosted.org", "registry.npmjs.org"
+GO_HOST = "proxy.golang.org"
+HOSTS = (INDEX_HOST, FILES_HOST, NPM_HOST, GO_HOST)
 
 
 def make_wheel(name: str, version: str, source: str) -> tuple[str, bytes]:
@@ -65,6 +67,16 @@ def make_npm_package(name: str, version: str, source: str) -> bytes:
     return buffer.getvalue()
 
 
+def make_go_module(module: str, version: str, files: dict[str, str]) -> dict[str, bytes]:
+    """What a Go module proxy serves for one version of ``module``: its .info, .mod and .zip."""
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for name, text in files.items():
+            zipped.writestr(f"{module}@{version}/{name}", text)
+    info = json.dumps({"Version": version, "Time": "2026-01-01T00:00:00Z"}).encode()
+    return {"info": info, "mod": files["go.mod"].encode(), "zip": archive.getvalue()}
+
+
 def _packument(name: str, version: str, tarball: bytes) -> bytes:
     """npm's document for a package: its one version and where its tarball is."""
     integrity = "sha512-" + base64.b64encode(hashlib.sha512(tarball).digest()).decode()
@@ -95,8 +107,7 @@ def _certificates(directory: Path) -> tuple[bytes, Path, Path]:
     leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, INDEX_HOST)]))
             .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host) for host in (INDEX_HOST, FILES_HOST,
-                                                                                         NPM_HOST)]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host) for host in HOSTS]), critical=False)
             .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))  # fmt: skip
@@ -116,10 +127,12 @@ class PackageIndex:
 
 @contextmanager
 def package_index(directory: Path, wheels: dict[str, tuple[str, bytes]],
-                  npm: dict[str, tuple[str, bytes]] | None = None) -> Iterator[PackageIndex]:  # fmt: skip
-    """Serve ``wheels`` (project name -> (file name, bytes)) as a PEP 503 index and ``npm`` (package name ->
-    (version, tarball)) as an npm registry, on 127.0.0.1."""
-    npm = npm or {}
+                  npm: dict[str, tuple[str, bytes]] | None = None,
+                  go: dict[str, tuple[str, dict[str, bytes]]] | None = None) -> Iterator[PackageIndex]:  # fmt: skip
+    """Serve ``wheels`` (project name -> (file name, bytes)) as a PEP 503 index, ``npm`` (package name ->
+    (version, tarball)) as an npm registry and ``go`` (module -> (version, make_go_module's)) as a Go module
+    proxy, on 127.0.0.1."""
+    npm, go = npm or {}, go or {}
     ca_pem, cert_file, key_file = _certificates(directory)
     requests: list[str] = []
 
@@ -129,7 +142,14 @@ def package_index(directory: Path, wheels: dict[str, tuple[str, bytes]],
             requests.append(f"{host} {self.path}")
             parts = self.path.split("?")[0].strip("/").split("/")
             body, kind = None, "text/html"
-            if host == NPM_HOST:
+            if host == GO_HOST and "/@v/" in self.path:
+                module, _, leaf = self.path.strip("/").partition("/@v/")
+                version, served = go.get(module, ("", {}))
+                if leaf == "list" and served:
+                    body, kind = f"{version}\n".encode(), "text/plain"
+                elif leaf.startswith(f"{version}.") and served:
+                    body, kind = served.get(leaf.removeprefix(f"{version}.")), "application/octet-stream"
+            elif host == NPM_HOST:
                 name = parts[0]
                 if name in npm and len(parts) == 1:
                     body, kind = _packument(name, *npm[name]), "application/json"

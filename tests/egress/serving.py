@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tests.conftest import ServerProcess, open_dir, serving
-from tests.egress.index import FILES_HOST, INDEX_HOST, NPM_HOST
+from tests.egress.index import HOSTS
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE_MAPPED = [sys.executable, "-m", "tests.egress.serve_mapped"]
@@ -19,10 +19,10 @@ REBIND = "rebind.example"  # allowlisted, and "resolves" to 127.0.0.1
 
 @contextmanager
 def network_server(prefix: str, index_port: int | None = None, **env: str) -> Iterator[ServerProcess]:
-    """PyPI's two names and npm's map to ``index_port`` on loopback (when given); REBIND answers 127.0.0.1 (refused like
-    any inward answer); nothing else resolves. The package caches live in a directory of the server's own."""
-    hosts = (INDEX_HOST, FILES_HOST, NPM_HOST)
-    exempt = {host: ["127.0.0.1", index_port] for host in hosts} if index_port else {}
+    """The registries' names (PyPI's, npm's, Go's) map to ``index_port`` on loopback (when given); REBIND
+    answers 127.0.0.1 (refused like any inward answer); nothing else resolves. The package caches live in a
+    directory of the server's own."""
+    exempt = {host: ["127.0.0.1", index_port] for host in HOSTS} if index_port else {}
     mapping = {"exempt": exempt, "answers": {REBIND: ["127.0.0.1"]}}
     deps = open_dir("interp-deps-")
     try:

@@ -15,9 +15,11 @@ from interpreter.auth.principals import env_principal
 from tests.conftest import TEST_KEY, ServerProcess, open_dir
 from tests.egress.index import (
     FILES_HOST,
+    GO_HOST,
     INDEX_HOST,
     NPM_HOST,
     PackageIndex,
+    make_go_module,
     make_npm_package,
     make_wheel,
     package_index,
@@ -31,6 +33,9 @@ MASTER = "master-" + secrets.token_hex(12)
 WHEEL = make_wheel("egresstest_pkg", "1.0", "VALUE = 42\n")
 KERNEL_WHEEL = make_wheel("kerneltest_pkg", "2.0", "VALUE = 'from the kernel'\n")
 NPM_PACKAGE = make_npm_package("egresstest-npm", "1.2.3", "module.exports = () => 'from npm';\n")
+GO_MODULE = "egresstest.example/hello"
+GO_FILES = {"go.mod": f"module {GO_MODULE}\n\ngo 1.19\n",
+            "main.go": 'package main\n\nimport "fmt"\n\nfunc main() { fmt.Println("hello from go") }\n'}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +43,9 @@ def index() -> Iterator[PackageIndex]:
     directory = open_dir("interp-index-")
     try:
         wheels = {"egresstest-pkg": WHEEL, "kerneltest-pkg": KERNEL_WHEEL}
-        with package_index(directory, wheels, {"egresstest-npm": ("1.2.3", NPM_PACKAGE)}) as served:
+        npm = {"egresstest-npm": ("1.2.3", NPM_PACKAGE)}
+        go = {GO_MODULE: ("v1.0.0", make_go_module(GO_MODULE, "v1.0.0", GO_FILES))}
+        with package_index(directory, wheels, npm, go) as served:
             yield served
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -111,6 +118,17 @@ def test_npm_installs_globally_into_the_cache_through_the_proxy(server: ServerPr
     assert f"{NPM_HOST} /egresstest-npm/-/egresstest-npm-1.2.3.tgz" in index.requests
     later = server.exec("console.log(require('egresstest-npm')())", "js")  # another run, another uid
     assert later["stdout"] == "from npm\n", later
+
+
+def test_go_installs_a_module_through_the_proxy(server: ServerProcess, index: PackageIndex) -> None:
+    """go install from the module proxy; the checksum database is the one thing the test cannot serve."""
+    code = (f"cat > /tmp/ca.pem <<'EOF'\n{index.ca_pem.decode()}EOF\n"
+            f"SSL_CERT_FILE=/tmp/ca.pem GONOSUMDB={GO_MODULE} go install {GO_MODULE}@v1.0.0 2>&1 | tail -3\n"
+            "hello\n")  # fmt: skip
+    result = server.exec(code, "bash", timeout_s=180)
+    assert str(result["stdout"]).endswith("\nhello from go\n"), result  # installed in the cache's go/bin, on PATH
+    assert f"{GO_HOST} /{GO_MODULE}/@v/v1.0.0.zip" in index.requests
+    assert server.exec("ls /opt/skill-deps/go/pkg/mod/egresstest.example", "bash")["stdout"] == "hello@v1.0.0\n"
 
 
 def test_another_principal_never_sees_it(server: ServerProcess) -> None:
