@@ -89,9 +89,11 @@ class SkillDeps:
         async with self._locks.setdefault(key, trio.Lock()):
             try:
                 return await trio.to_thread.run_sync(self._ensure, key, prefix)
-            except (OSError, subprocess.CalledProcessError) as exc:
-                log.error("a package cache could not be mounted", extra={"fields": {"error": str(exc)[:500]}})
-                raise DepsError(str(exc)) from None
+            except (OSError, subprocess.SubprocessError) as exc:
+                output = getattr(exc, "stderr", None) or b""
+                error = f"{exc} {output.decode(errors='replace')}"[:500]
+                log.error("a package cache could not be mounted", extra={"fields": {"error": error}})
+                raise DepsError(error) from None
 
     def _ensure(self, key: str, prefix: str) -> Path:
         image, mount = self.layout.images / f"{key}.img", self.layout.mounts / key
@@ -102,21 +104,38 @@ class SkillDeps:
             partial = image.with_suffix(".new")
             with open(partial, "wb") as file:
                 file.truncate(self.max_bytes)  # sparse: only what is written takes disk space
-            subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-i", "8192", "-J", "size=4",
-                            "-E", "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0", str(partial)],
-                           check=True, capture_output=True, timeout=60)  # fmt: skip
+            _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-i", "8192", "-J", "size=4",
+                  "-E", "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0", str(partial)])  # fmt: skip
             (self.layout.images / f"{key}.principal").write_text(prefix)
             partial.rename(image)
+        elif image.stat().st_size < self.max_bytes:
+            self._grow(image)
         mount.mkdir(mode=0o700, exist_ok=True)
-        subprocess.run(["mount", "-o", "loop,nosuid,nodev,noatime", str(image), str(mount)], check=True,
-                       capture_output=True, timeout=60)  # fmt: skip
+        _run(["mount", "-o", "loop,nosuid,nodev,noatime", str(image), str(mount)])
         if fresh:
+            log.info("package cache created", extra={"fields": {"principal": prefix, "bytes": self.max_bytes}})
             for name in TOP_DIRS:
                 (mount / name).mkdir(exist_ok=True)
                 (mount / name).chmod(0o777)
             (mount / "lost+found").rmdir()
         mount.chmod(0o777)  # (the mounted filesystem's root) any uid of the principal's jails writes here
         return mount
+
+    def _grow(self, image: Path) -> None:
+        """SKILL_DEPS_MAX_MB was raised since the image was made: it grows before it is mounted (online growth
+        needs CAP_SYS_RESOURCE, which a hardened host may not give). A lowered cap applies to caches made, or
+        purged, afterwards."""
+        attached = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True, timeout=60)
+        if attached.returncode != 0 or attached.stdout.strip():
+            log.warning("a package cache still in use elsewhere was not grown")  # (a lazily unmounted one)
+            return
+        with open(image, "r+b") as file:
+            file.truncate(self.max_bytes)
+        checked = subprocess.run(["e2fsck", "-f", "-p", str(image)], capture_output=True, timeout=300)
+        if checked.returncode > 1:  # 1: errors corrected (an unclean unmount's journal replayed)
+            raise subprocess.CalledProcessError(checked.returncode, checked.args, checked.stdout, checked.stderr)
+        _run(["resize2fs", str(image)])
+        log.info("package cache grown", extra={"fields": {"bytes": self.max_bytes}})
 
     # --- what admins see and do ----------------------------------------------------------------------------
 
@@ -184,6 +203,10 @@ class SkillDeps:
                 unmount(mount)
             except OSError as exc:
                 log.warning("a package cache could not be unmounted", extra={"fields": {"error": exc.strerror}})
+
+
+def _run(argv: list[str]) -> None:
+    subprocess.run(argv, check=True, capture_output=True, timeout=60)
 
 
 def _tree_bytes(top: Path) -> int | None:
