@@ -18,7 +18,7 @@ from typing import Literal
 from urllib.parse import urlparse
 
 from interpreter.egress.registries import discover
-from interpreter.egress.service import allowlist_for
+from interpreter.egress.service import allowlist_for, missing_tools
 from interpreter.errors import SettingsError
 from interpreter.execution.setup import kernel_mode, pool_config
 from interpreter.settings import Settings
@@ -259,12 +259,8 @@ def check_sandbox_network(settings: Settings, environ: dict[str, str] | None = N
         yield Finding("warn", "sandbox network", f"cargo {'.'.join(map(str, cargo))} reads crates.io's index with "
                       "git from github.com (the sparse index needs cargo 1.68): cargo install works only with "
                       "github.com in SANDBOX_EGRESS_ALLOWLIST")  # fmt: skip
-    missing = [tool for tool in ("/usr/bin/nsenter", "/sbin/mkfs.ext4", "/bin/mount") if not Path(tool).exists()]
-    if missing:
-        yield Finding("fail", "package caches", f"missing {', '.join(missing)}: apt-get install util-linux "
-                      "e2fsprogs mount")  # fmt: skip
-    elif not Path("/dev/loop-control").exists():
-        yield Finding("fail", "package caches", "no /dev/loop-control: load the loop module (modprobe loop)")
+    if (missing := missing_tools()) is not None:
+        yield Finding("fail", "package caches", missing)
     else:
         yield Finding("ok", "package caches", f"{settings.skill_deps_max_mib} MiB per principal under "
                       f"{settings.skill_deps_path}")  # fmt: skip

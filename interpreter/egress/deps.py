@@ -32,6 +32,15 @@ log = logging.getLogger("interpreter.egress")
 ECOSYSTEMS = ("python", "node", "go", "cargo")  # the top directories the admin API reports
 TOP_DIRS = ("python", "node", "go", "cargo", "cache")
 MIN_MIB = 16
+# By absolute path: the server's PATH (a shell's, a unit's) may lack the sbin directories.
+MOUNT, LOSETUP, MKFS, E2FSCK, RESIZE2FS = (
+    "/bin/mount",
+    "/sbin/losetup",
+    "/sbin/mkfs.ext4",
+    "/sbin/e2fsck",
+    "/sbin/resize2fs",
+)
+TOOLS = (MOUNT, LOSETUP, MKFS, E2FSCK, RESIZE2FS)
 
 
 class DepsError(Exception):
@@ -104,14 +113,14 @@ class SkillDeps:
             partial = image.with_suffix(".new")
             with open(partial, "wb") as file:
                 file.truncate(self.max_bytes)  # sparse: only what is written takes disk space
-            _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-i", "8192", "-J", "size=4",
+            _run([MKFS, "-q", "-F", "-m", "0", "-i", "8192", "-J", "size=4",
                   "-E", "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0", str(partial)])  # fmt: skip
             (self.layout.images / f"{key}.principal").write_text(prefix)
             partial.rename(image)
         elif image.stat().st_size < self.max_bytes:
             self._grow(image)
         mount.mkdir(mode=0o700, exist_ok=True)
-        _run(["mount", "-o", "loop,nosuid,nodev,noatime", str(image), str(mount)])
+        _run([MOUNT, "-o", "loop,nosuid,nodev,noatime", str(image), str(mount)])
         if fresh:
             log.info("package cache created", extra={"fields": {"principal": prefix, "bytes": self.max_bytes}})
             for name in TOP_DIRS:
@@ -125,16 +134,16 @@ class SkillDeps:
         """SKILL_DEPS_MAX_MB was raised since the image was made: it grows before it is mounted (online growth
         needs CAP_SYS_RESOURCE, which a hardened host may not give). A lowered cap applies to caches made, or
         purged, afterwards."""
-        attached = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True, timeout=60)
+        attached = subprocess.run([LOSETUP, "-j", str(image)], capture_output=True, text=True, timeout=60)
         if attached.returncode != 0 or attached.stdout.strip():
             log.warning("a package cache still in use elsewhere was not grown")  # (a lazily unmounted one)
             return
         with open(image, "r+b") as file:
             file.truncate(self.max_bytes)
-        checked = subprocess.run(["e2fsck", "-f", "-p", str(image)], capture_output=True, timeout=300)
+        checked = subprocess.run([E2FSCK, "-f", "-p", str(image)], capture_output=True, timeout=300)
         if checked.returncode > 1:  # 1: errors corrected (an unclean unmount's journal replayed)
             raise subprocess.CalledProcessError(checked.returncode, checked.args, checked.stdout, checked.stderr)
-        _run(["resize2fs", str(image)])
+        _run([RESIZE2FS, str(image)])
         log.info("package cache grown", extra={"fields": {"bytes": self.max_bytes}})
 
     # --- what admins see and do ----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import socket
 from sandboxes.kernel.isolation import CLONE_NEWNET, loopback_up, setns, unshare
 
 BACKLOG = 64
+NSENTER = "/usr/bin/nsenter"
 
 
 def listen_in_new_namespace(port: int) -> tuple[int, socket.socket]:

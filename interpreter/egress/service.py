@@ -8,7 +8,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from interpreter.egress.allowlist import Allowlist
-from interpreter.egress.deps import MIN_MIB, DepsError, SkillDeps
+from interpreter.egress.deps import MIN_MIB, TOOLS, DepsError, SkillDeps
+from interpreter.egress.netns import NSENTER
 from interpreter.egress.proxy import EgressProxy, Resolver, Tap, system_resolver
 from interpreter.egress.registries import Registries, discover
 from interpreter.errors import ServiceUnavailable, SettingsError
@@ -17,6 +18,7 @@ from sandboxes.host import HostError
 from sandboxes.jail import Egress
 
 MIB = 1024 * 1024
+NEEDED_TOOLS = (NSENTER, *TOOLS)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,16 @@ class SandboxNetwork:
                 "unreachable_registries": list(self.registries.skipped)}  # fmt: skip
 
 
+def missing_tools() -> str | None:
+    """What this host lacks for the sandbox network (None: nothing), and how to get it."""
+    missing = [tool for tool in NEEDED_TOOLS if not Path(tool).exists()]
+    if missing:
+        return f"missing {', '.join(missing)} (apt-get install util-linux mount e2fsprogs)"
+    if not Path("/dev/loop-control").exists():
+        return "no loop devices (/dev/loop-control): package caches are loop-mounted images (modprobe loop)"
+    return None
+
+
 def allowlist_for(settings: Settings, registries: Registries) -> Allowlist:
     try:
         return Allowlist.of(registries.hosts() + list(settings.sandbox_egress_allowlist))
@@ -66,6 +78,8 @@ def open_network(settings: Settings, resolver: Resolver = system_resolver) -> Sa
                             "host's network would bypass the egress proxy")  # fmt: skip
     if settings.skill_deps_max_mib < MIN_MIB:
         raise SettingsError(f"SKILL_DEPS_MAX_MB: at least {MIN_MIB} with ENABLE_SANDBOX_NETWORK=true")
+    if missing := missing_tools():
+        raise SettingsError(f"ENABLE_SANDBOX_NETWORK: {missing}")
     registries = discover(os.environ, settings.sandbox_venv)
     deps = SkillDeps(Path(settings.skill_deps_path), settings.skill_deps_max_mib * MIB)
     try:

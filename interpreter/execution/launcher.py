@@ -22,7 +22,7 @@ from typing import NoReturn
 
 import trio
 
-from interpreter.egress.netns import listen_in_new_namespace
+from interpreter.egress.netns import NSENTER, listen_in_new_namespace
 from interpreter.egress.proxy import Tap
 from sandboxes.host import HostLayout, RunCgroup, create_run_cgroup, mount_tmpfs, remove_cgroup_tree, remove_run_dir
 from sandboxes.jail import Cgroups, Identity
@@ -73,7 +73,7 @@ class Launch:
     async def start(self, argv: list[str]) -> None:
         """Hand the command line over; the launcher execs it at once (in its network namespace, if it has one)."""
         if self.netns_fd is not None:
-            argv = ["/usr/bin/nsenter", f"--net=/proc/self/fd/{self.netns_fd}", "--", *argv]
+            argv = [NSENTER, f"--net=/proc/self/fd/{self.netns_fd}", "--", *argv]
         async with self.argv_pipe:
             await self.argv_pipe.send_all(b"".join(arg.encode() + b"\0" for arg in argv))
 
