@@ -254,6 +254,9 @@ def check_sandbox_network(settings: Settings, environ: dict[str, str] | None = N
     for url in registries.skipped:
         yield Finding("warn", "sandbox network", f"{url} is configured but not an https URL on port 443: "
                       "sandboxes cannot use it through the proxy")  # fmt: skip
+    for host in registries.withheld:
+        yield Finding("warn", "sandbox network", f"the URL configured for {host} carries credentials: sandboxes get "
+                      "it without them (their code could read them), so it must serve them anonymously")  # fmt: skip
     cargo = cargo_version()
     if cargo is not None and cargo < (1, 68) and not allowlist.allows("github.com"):
         yield Finding("warn", "sandbox network", f"cargo {'.'.join(map(str, cargo))} reads crates.io's index with "

@@ -269,7 +269,8 @@ async def serve(
 
     network = open_network(settings, egress_resolver)
     if network is not None:
-        log.info("sandbox network", extra={"fields": network.describe()})
+        log.info("sandbox network", extra={"fields": {**network.describe(), "skill_deps_path": str(
+            settings.skill_deps_path), "unusable_registries": list(network.registries.skipped)}})  # fmt: skip
     # Outer resources first (STYLE §3): the sandbox host, the asyncio bridge, the stores.
     with open_execution(settings, network) as execution:
         log.info("python kernels", extra={"fields": {"mode": execution.kernel_mode[0],

@@ -86,8 +86,9 @@ class Egress:
         """``env`` with the proxy, the registries, and every package manager installing into DEPS_DIR."""
         proxy, d = f"http://127.0.0.1:{self.port}", DEPS_DIR
         bins = ":".join(f"{d}/{tool}/bin" for tool in ("python", "node", "go", "cargo"))
+        registries = {key: value.replace("{", "{{").replace("}", "}}") for key, value in self.registries_env}
         return {
-            **env, **dict(self.registries_env),
+            **env, **registries,  # (escaped: every value is formatted with the venv's path later)
             "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "https_proxy": proxy, "http_proxy": proxy,
             "NO_PROXY": "localhost,127.0.0.1,::1", "no_proxy": "localhost,127.0.0.1,::1",
             "PIP_TARGET": f"{d}/python", "PIP_CACHE_DIR": f"{d}/cache/pip", "PIP_DISABLE_PIP_VERSION_CHECK": "1",

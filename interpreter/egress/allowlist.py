@@ -47,7 +47,7 @@ def normalise_host(name: str) -> str:
 def parse_authority(authority: str) -> tuple[str, int]:
     """``host:port`` of a CONNECT request line, checked: a DNS name (not an address) and port 443."""
     host, sep, port_text = authority.rpartition(":")
-    if not sep or not port_text.isdigit() or not host:
+    if not sep or not (port_text.isascii() and port_text.isdigit()) or not host:
         if authority.startswith("[") or authority.count(":") > 1:
             raise Refused(403, "IP literals are not allowed")
         raise Refused(400, "CONNECT needs host:port")

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import secrets
+import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ log = logging.getLogger("interpreter.egress")
 ECOSYSTEMS = ("python", "node", "go", "cargo")  # the top directories the admin API reports
 TOP_DIRS = ("python", "node", "go", "cargo", "cache")
 MIN_MIB = 16
+SALT_BYTES = 32
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20  # <linux/posix_acl.h>
 # By absolute path: the server's PATH (a shell's, a unit's) may lack the sbin directories.
 MOUNT, LOSETUP, MKFS, E2FSCK, RESIZE2FS = (
     "/bin/mount",
@@ -79,12 +82,32 @@ class SkillDeps:
             directory.chmod(0o711)
         lock = take_instance_lock(self.layout.root / ".lock")
         salt = self.layout.root / ".salt"
-        if not salt.exists():
-            fd = os.open(salt, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        if not salt.is_file() or salt.stat().st_size != SALT_BYTES:  # (a crash never leaves a short one)
+            fresh = salt.with_suffix(".new")
+            fresh.unlink(missing_ok=True)
+            fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as file:
-                file.write(secrets.token_bytes(32))
+                file.write(secrets.token_bytes(SALT_BYTES))
+                os.fsync(file.fileno())
+            fresh.replace(salt)
         self._salt = salt.read_bytes()
         return lock
+
+    def restrict_to(self, uids: list[int]) -> None:
+        """Only root and the sandboxes' uids may pass through ``mounts/`` (nsjail binds a cache as the jail's
+        uid, so it needs search permission there): a POSIX ACL, since those uids share no group. Without
+        ACL support it stays 0711 (then other local users could reach a cache by its name), and says so."""
+        mounts = self.layout.mounts
+        undefined = 0xFFFFFFFF
+        entries = [(ACL_USER_OBJ, 7, undefined), *[(ACL_USER, 1, uid) for uid in sorted(set(uids))],
+                   (ACL_GROUP_OBJ, 0, undefined), (ACL_MASK, 1, undefined), (ACL_OTHER, 0, undefined)]  # fmt: skip
+        acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+        try:
+            os.setxattr(mounts, "system.posix_acl_access", acl)
+        except OSError as exc:
+            mounts.chmod(0o711)
+            log.warning("SKILL_DEPS_PATH has no ACLs: other local users can reach a package cache by its name",
+                        extra={"fields": {"error": exc.strerror}})  # fmt: skip
 
     def key(self, prefix: str) -> str:
         return hashlib.sha256(self._salt + prefix.encode()).hexdigest()[:32]
@@ -111,7 +134,8 @@ class SkillDeps:
         fresh = not image.exists()
         if fresh:
             partial = image.with_suffix(".new")
-            with open(partial, "wb") as file:
+            partial.unlink(missing_ok=True)  # (a crash's leftover)
+            with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as file:
                 file.truncate(self.max_bytes)  # sparse: only what is written takes disk space
             _run([MKFS, "-q", "-F", "-m", "0", "-i", "8192", "-J", "size=4",
                   "-E", "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0", str(partial)])  # fmt: skip
@@ -219,23 +243,19 @@ def _run(argv: list[str]) -> None:
 
 
 def _tree_bytes(top: Path) -> int | None:
-    """Allocated bytes below ``top`` (None if it does not exist), following no links, staying on its mount."""
+    """Allocated bytes below ``top`` (None if it does not exist). ``os.fwalk`` holds each directory open and
+    never follows a link, even one swapped in while it walks; the walk stays on ``top``'s filesystem."""
     try:
         device = top.lstat().st_dev
     except OSError:
         return None
-    total, pending = 0, [top]
-    while pending:
-        try:
-            entries = list(os.scandir(pending.pop()))
-        except OSError:
-            continue
-        for entry in entries:
+    total = 0
+    for _, directories, files, fd in os.fwalk(top, follow_symlinks=False):
+        for name in (*directories, *files):
             try:
-                info = entry.stat(follow_symlinks=False)
+                info = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except OSError:
                 continue
-            total += info.st_blocks * 512
-            if entry.is_dir(follow_symlinks=False) and info.st_dev == device:
-                pending.append(Path(entry.path))
+            if info.st_dev == device:
+                total += info.st_blocks * 512
     return total

@@ -20,6 +20,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, NoReturn
 
 import trio
@@ -38,6 +39,10 @@ IDLE_TIMEOUT_S = 120.0
 TUNNELS_PER_SANDBOX = 16  # npm opens up to 15 sockets at once; more wait in the backlog
 BACKLOG = 64
 CHUNK = 65536
+LOGGED_REFUSALS = 20  # per sandbox; more are counted, not logged (a connect loop must not flood the log)
+ACCEPT_RETRY_S = 0.1
+# Lookups block a thread each: their own few, so slow or endless DNS never takes the threads runs need.
+RESOLVER_THREADS = trio.CapacityLimiter(8)
 REASONS = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed", 408: "Request Timeout",
            431: "Request Header Fields Too Large", 502: "Bad Gateway", 504: "Gateway Timeout"}  # fmt: skip
 
@@ -52,6 +57,8 @@ def is_public(address: str) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and (mapped := ip.ipv4_mapped or ip.sixtofour) is not None:
         ip = mapped
     bad = ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast or ip.is_reserved
+    if isinstance(ip, ipaddress.IPv6Address):
+        bad = bad or ip.is_site_local  # fec0::/10, deprecated but routed inward where still in use
     return ip.is_global and not bad and not ip.is_unspecified
 
 
@@ -64,9 +71,11 @@ def require_public(host: str, addresses: list[Address]) -> list[Address]:
 
 
 async def system_resolver(host: str, port: int) -> list[Address]:
-    """The machine's resolver; every answer must be a public address."""
+    """The machine's resolver; every answer must be a public address. The name is looked up as given
+    (absolute: no search domain is ever appended)."""
     try:
-        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = await trio.to_thread.run_sync(partial(socket.getaddrinfo, host + ".", port, type=socket.SOCK_STREAM),
+                                              limiter=RESOLVER_THREADS, abandon_on_cancel=True)  # fmt: skip
     except OSError:
         raise Refused(502, f"{host} does not resolve") from None
     return require_public(host, [(family, sockaddr) for family, _, _, _, sockaddr in infos])
@@ -126,6 +135,7 @@ class EgressProxy:
         return tap
 
     async def _serve_sandbox(self, listener: trio.socket.SocketType, tap: Tap) -> None:
+        """One sandbox's listener until its tap closes; nothing that happens here reaches other sandboxes."""
         self.attached += 1
         slots = trio.Semaphore(TUNNELS_PER_SANDBOX)
         try:
@@ -135,10 +145,17 @@ class EgressProxy:
                         await slots.acquire()
                         try:
                             sock, _ = await listener.accept()
+                        except OSError as exc:  # out of fds, a connection reset before accept, ...
+                            slots.release()
+                            log.warning("egress accept failed", extra={"fields": {"error": exc.strerror}})
+                            await trio.sleep(ACCEPT_RETRY_S)
+                            continue
                         except BaseException:
                             slots.release()
                             raise
                         tunnels.start_soon(self._tunnel, trio.SocketStream(sock), tap, slots)
+        except Exception:  # a bug must end this sandbox's network only, never the proxy
+            log.exception("an egress listener failed")
         finally:
             self.attached -= 1
 
@@ -199,9 +216,11 @@ class EgressProxy:
     async def _refuse(self, client: trio.SocketStream, tap: Tap, target: str, refused: Refused) -> None:
         tap.refused += 1
         self.refusals.inc(status=str(refused.status))
-        security_log.warning("egress refused", extra={"fields": {
-            "run_id": tap.run_id, "principal": tap.owner, "target": target[:300], "status": refused.status,
-            "reason": refused.reason[:300]}})  # fmt: skip
+        if tap.refused <= LOGGED_REFUSALS:
+            last = " (more from this run are counted, not logged)" if tap.refused == LOGGED_REFUSALS else ""
+            security_log.warning("egress refused" + last, extra={"fields": {
+                "run_id": tap.run_id, "principal": tap.owner, "target": target[:300], "status": refused.status,
+                "reason": refused.reason[:300]}})  # fmt: skip
         reply = (f"HTTP/1.1 {refused.status} {REASONS.get(refused.status, 'Refused')}\r\n"
                  "Content-Length: 0\r\nConnection: close\r\n\r\n")  # fmt: skip
         with trio.move_on_after(1):

@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 PYPI = "https://pypi.org/simple"
 PYPI_FILES = {"pypi.org": "files.pythonhosted.org"}  # where an index's files live, when not on the index itself
@@ -23,6 +23,15 @@ NPM = "https://registry.npmjs.org/"
 GOPROXY, GOSUMDB = "https://proxy.golang.org,direct", "sum.golang.org"
 # cargo's crates.io: the sparse index, the downloads, and the web API (cargo search, cargo install's lookups).
 CARGO_HOSTS = ("index.crates.io", "static.crates.io", "crates.io")
+
+
+def without_credentials(url: str) -> str:
+    """``url`` without a user or password (hostile code in a sandbox can read its own environment)."""
+    parts = urlsplit(url.strip())
+    if parts.username is None and parts.password is None:
+        return url
+    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def https_host(url: str) -> str | None:
@@ -44,6 +53,7 @@ class Registries:
     goproxy: str
     gosumdb: str
     skipped: tuple[str, ...] = field(default=())  # configured URLs the proxy cannot serve (file://, http://)
+    withheld: tuple[str, ...] = field(default=())  # hosts whose configured URL carries credentials
 
     def hosts(self) -> list[str]:
         found: list[str] = []
@@ -57,11 +67,15 @@ class Registries:
         return sorted(set(found))
 
     def sandbox_env(self) -> dict[str, str]:
-        env = {"NPM_CONFIG_REGISTRY": self.npm_registry, "GOPROXY": self.goproxy, "GOSUMDB": self.gosumdb}
-        if self.pip_indexes:
-            env["PIP_INDEX_URL"] = self.pip_indexes[0]
-        if self.pip_indexes[1:]:
-            env["PIP_EXTRA_INDEX_URL"] = " ".join(self.pip_indexes[1:])
+        """The registries for the sandbox's tools, without any credentials the host's configuration holds."""
+        goproxy = re.sub(r"https?://[^,|]+", lambda url: without_credentials(url.group()), self.goproxy)
+        env = {"NPM_CONFIG_REGISTRY": without_credentials(self.npm_registry), "GOPROXY": goproxy,
+               "GOSUMDB": self.gosumdb}  # fmt: skip
+        indexes = [without_credentials(url) for url in self.pip_indexes]
+        if indexes:
+            env["PIP_INDEX_URL"] = indexes[0]
+        if indexes[1:]:
+            env["PIP_EXTRA_INDEX_URL"] = " ".join(indexes[1:])
         return env
 
 
@@ -118,7 +132,9 @@ def discover(environ: Mapping[str, str], venv: Path, root: Path = Path("/")) -> 
     goproxy = _go_env(environ, go_env, "GOPROXY", GOPROXY)
     gosumdb = _go_env(environ, go_env, "GOSUMDB", GOSUMDB)
     indexes = [url for url in (index, *extra) if https_host(url)]
-    skipped = [url for url in (index, *extra, npm) if not https_host(url)]
+    skipped = [without_credentials(url) for url in (index, *extra, npm) if not https_host(url)]
     if not https_host(npm):
         npm = NPM
-    return Registries(tuple(indexes), npm, goproxy, gosumdb, tuple(skipped))
+    urls = [*indexes, npm, *re.findall(r"https?://[^,|]+", goproxy)]
+    withheld = sorted({urlsplit(url).hostname or "" for url in urls if without_credentials(url) != url})
+    return Registries(tuple(indexes), npm, goproxy, gosumdb, tuple(skipped), tuple(withheld))

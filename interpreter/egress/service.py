@@ -41,10 +41,9 @@ class SandboxNetwork:
         return self.proxy.attach(listener, run_id, owner)
 
     def describe(self) -> dict[str, object]:
-        """For doctor and /health/detailed."""
+        """For /health/detailed (no host path, no configured URL: tenants can read it)."""
         return {"allowlist": self.proxy.allowlist.entries(), "port": self.jail.port,
-                "skill_deps_path": str(self.deps.layout.root), "skill_deps_max_bytes": self.deps.max_bytes,
-                "unreachable_registries": list(self.registries.skipped)}  # fmt: skip
+                "skill_deps_max_bytes": self.deps.max_bytes}  # fmt: skip
 
 
 def missing_tools() -> str | None:

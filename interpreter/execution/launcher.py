@@ -99,37 +99,38 @@ async def prepare(
     run_id, run_dir, cgroup = make_run_paths(config, active, identity or config.identity, config.memory_bytes,
                                              config.pids)  # fmt: skip
     netns, listener = None, None
+    handed_over: list[int] = []  # closed here in any case: the launcher has its own copies
+    kept: list[int] = []  # ours from here on, closed here only if this fails
     try:
         if config.egress_port is not None:
             netns, listener = await trio.to_thread.run_sync(listen_in_new_namespace, config.egress_port)
+            handed_over.append(netns)  # (the listener keeps the namespace alive)
             pass_fds = (*pass_fds, netns)
         argv_read, argv_write = os.pipe()
+        handed_over.append(argv_read)
+        kept.append(argv_write)
         log_read, log_write = os.pipe()
-        try:
-            procs = [str(path) for path in cgroup.procs_files] if cgroup else []
-            process = await trio.lowlevel.open_process(
-                ["/bin/bash", "-c", LAUNCH_SCRIPT, "launcher", str(argv_read), *procs],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                pass_fds=(argv_read, log_write, *pass_fds), env={"PATH": "/usr/bin:/bin"}, start_new_session=True,
-            )  # fmt: skip
-        except BaseException:
-            for fd in (argv_write, log_read):
-                os.close(fd)
-            raise
-        finally:
-            os.close(argv_read)
-            if netns is not None:
-                os.close(netns)  # the launcher has it (same number) and the listener keeps the namespace
-        # log_write stays open here only until nsjail has it; closed by the runner once the jail starts.
+        kept += [log_read, log_write]  # log_write until nsjail has it: the runner closes it when the jail starts
+        procs = [str(path) for path in cgroup.procs_files] if cgroup else []
+        process = await trio.lowlevel.open_process(
+            ["/bin/bash", "-c", LAUNCH_SCRIPT, "launcher", str(argv_read), *procs],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            pass_fds=(argv_read, log_write, *pass_fds), env={"PATH": "/usr/bin:/bin"}, start_new_session=True,
+        )  # fmt: skip
         return Launch(run_id, run_dir, cgroup, process, trio.lowlevel.FdStream(argv_write), log_write,
                       trio.lowlevel.FdStream(log_read), netns_fd=netns, listener=listener)  # fmt: skip
     except BaseException:
+        for fd in kept:
+            os.close(fd)
         if listener is not None:
             listener.close()
         with trio.move_on_after(CLEANUP_S, shield=True):
             await trio.to_thread.run_sync(release_paths, run_dir, cgroup)
         active.discard(run_dir)
         raise
+    finally:
+        for fd in handed_over:
+            os.close(fd)
 
 
 def make_run_paths(config: LauncherConfig, active: set[Path], identity: Identity, memory_bytes: int,

@@ -74,6 +74,8 @@ def open_execution(settings: Settings, network: SandboxNetwork | None = None) ->
     try:
         uids = [identity.uid] + [pool.base_uid + 2 + slot for slot in range(pool.slots)]
         prepare_layout(layout, uids, kernel_source=sandboxes_dir() / "kernel")
+        if network is not None:
+            network.deps.restrict_to(uids)
         lock_fd = take_instance_lock(layout.lock)
     except HostError as exc:
         raise SettingsError(f"SANDBOX_BASE_DIR: {exc}") from None

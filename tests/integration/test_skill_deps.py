@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,4 +92,27 @@ async def test_the_host_never_follows_a_link_planted_in_a_cache(root: Path) -> N
         assert (outside / "big").exists()  # purging unlinks the image; it never walks the tree
     finally:
         shutil.rmtree(outside, ignore_errors=True)
+        os.close(lock)
+
+
+async def test_only_the_sandboxes_uids_can_reach_a_cache(root: Path) -> None:
+    """Other local users cannot pass through mounts/ (the caches inside are writable by every jail uid)."""
+    sandbox_uid, stranger = 41234, 41299
+    deps = SkillDeps(root, 16 * MIB)
+    lock = deps.prepare()
+    deps.restrict_to([sandbox_uid])
+    mount = await deps.ensure("0123456789abcdef")
+
+    def listing_as(uid: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "ls", str(mount)],
+                              capture_output=True, text=True, check=False)  # fmt: skip
+
+    try:
+        assert listing_as(sandbox_uid).stdout.split() == ["cache", "cargo", "go", "node", "python"]
+        refused = listing_as(stranger)
+        assert refused.returncode != 0
+        assert "Permission denied" in refused.stderr
+        assert oct((root / "images").stat().st_mode & 0o777) == "0o711"
+        assert all(oct(image.stat().st_mode & 0o777) == "0o600" for image in (root / "images").glob("*.img"))
+    finally:
         os.close(lock)

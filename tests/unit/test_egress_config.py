@@ -45,7 +45,7 @@ def test_ip_literals_are_refused_in_any_spelling(name: str) -> None:
      ("172.16.0.1", False), ("192.168.1.1", False), ("169.254.169.254", False), ("100.64.0.1", False),
      ("0.0.0.0", False), ("224.0.0.1", False), ("240.0.0.1", False), ("::1", False), ("::", False),
      ("fe80::1", False), ("fc00::1", False), ("::ffff:127.0.0.1", False), ("::ffff:8.8.8.8", True),
-     ("2002:7f00:1::", False)],
+     ("2002:7f00:1::", False), ("fec0::1", False), ("64:ff9b::7f00:1", False)],
 )  # fmt: skip
 def test_only_public_addresses_are_public(address: str, public: bool) -> None:
     assert is_public(address) is public
@@ -116,3 +116,17 @@ def test_one_server_per_cache_directory(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", ".salt", "images", "mounts"]
     with pytest.raises(SettingsError, match="another instance"):
         open_network(settings)
+
+
+def test_credentials_in_a_registry_url_never_reach_a_sandbox(tmp_path: Path) -> None:
+    environ = {"PIP_INDEX_URL": "https://user:s3cret@pypi.corp.example/simple",
+               "NPM_CONFIG_REGISTRY": "https://:t0ken@npm.corp.example/",
+               "GOPROXY": "https://go:pw@goproxy.corp.example,direct"}  # fmt: skip
+    registries = discover(environ, tmp_path / "venv", root=tmp_path)
+    env = registries.sandbox_env()
+    assert env["PIP_INDEX_URL"] == "https://pypi.corp.example/simple"
+    assert env["NPM_CONFIG_REGISTRY"] == "https://npm.corp.example/"
+    assert env["GOPROXY"] == "https://goproxy.corp.example,direct"
+    assert not any(secret in str(env) for secret in ("s3cret", "t0ken", "go:pw"))
+    assert registries.withheld == ("goproxy.corp.example", "npm.corp.example", "pypi.corp.example")
+    assert {"pypi.corp.example", "npm.corp.example", "goproxy.corp.example"} <= set(registries.hosts())

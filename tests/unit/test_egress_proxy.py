@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from interpreter.egress.allowlist import Allowlist
-from interpreter.egress.proxy import TUNNELS_PER_SANDBOX, EgressProxy, Tap
+from interpreter.egress.proxy import LOGGED_REFUSALS, TUNNELS_PER_SANDBOX, EgressProxy, Tap
 from tests.egress.resolver import MappedResolver
 
 
@@ -88,6 +88,7 @@ def status(reply: bytes) -> int:
         ("CONNECT nowhere.example:443", 502),  # allowlisted, does not resolve
         ("CONNECT closed.example:443", 502),  # allowlisted, resolves, refuses the connection
         ("CONNECT pypi.org", 400),  # no port
+        ("CONNECT pypi.org:\u00b2", 400),  # a digit to isdigit(), not to int()
         ("CONNECT bad_name!.org:443", 400),
         ("GET http://pypi.org/simple/ HTTP/1.1", 405),  # plain HTTP is not proxied
         ("POST http://pypi.org/ HTTP/1.1", 405),
@@ -102,6 +103,16 @@ async def test_refusals(request_line: str, expected: int) -> None:
         assert tap.refused == 1
         assert tap.tunnels == 0
         assert sum(proxy.refusals.values.values()) == 1
+
+
+async def test_a_connect_loop_is_counted_but_logged_only_so_often(caplog: pytest.LogCaptureFixture) -> None:
+    async with proxy_and_registry() as (port, _, tap):
+        for _ in range(LOGGED_REFUSALS + 5):
+            assert status(await ask(port, b"CONNECT example.com:443 HTTP/1.1\r\n\r\n")) == 403
+    assert tap.refused == LOGGED_REFUSALS + 5
+    logged = [r.getMessage() for r in caplog.records if r.name == "interpreter.security"]
+    assert len(logged) == LOGGED_REFUSALS
+    assert logged[-1] == "egress refused (more from this run are counted, not logged)"
 
 
 async def test_an_oversized_head_is_refused() -> None:

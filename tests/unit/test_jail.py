@@ -223,3 +223,9 @@ def test_without_egress_nothing_of_it_is_there() -> None:
     assert not {"HTTPS_PROXY", "https_proxy", "PIP_TARGET", "NPM_CONFIG_PREFIX"} & set(env)
     assert not any("/opt/skill-deps" in value for value in flag_values(jail_part(argv), "--bindmount"))
     assert "umask" not in argv[argv.index("-c") + 1]
+
+
+def test_a_brace_in_a_registry_url_is_kept_as_it_is() -> None:
+    odd = Egress(port=18443, registries_env=(("PIP_INDEX_URL", "https://x.example/{simple}"),), deps=Path("/d"))
+    env = dict(item.split("=", 1) for item in flag_values(jail_part(argv_for("py", egress=odd)), "--env"))
+    assert env["PIP_INDEX_URL"] == "https://x.example/{simple}"
