@@ -133,6 +133,9 @@ class SkillDeps:
             return mount
         fresh = not image.exists()
         if fresh:
+            disk = os.statvfs(self.layout.images)
+            if disk.f_bavail * disk.f_frsize < self.max_bytes:  # (images are sparse: this bounds new ones only)
+                raise OSError(f"less than SKILL_DEPS_MAX_MB free under SKILL_DEPS_PATH for a new cache ({key})")
             partial = image.with_suffix(".new")
             partial.unlink(missing_ok=True)  # (a crash's leftover)
             with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as file:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from interpreter.egress.deps import SkillDeps
+from interpreter.egress.deps import DepsError, SkillDeps
 from sandboxes.host import unmount
 from tests.conftest import open_dir
 
@@ -114,5 +114,16 @@ async def test_only_the_sandboxes_uids_can_reach_a_cache(root: Path) -> None:
         assert "Permission denied" in refused.stderr
         assert oct((root / "images").stat().st_mode & 0o777) == "0o711"
         assert all(oct(image.stat().st_mode & 0o777) == "0o600" for image in (root / "images").glob("*.img"))
+    finally:
+        os.close(lock)
+
+
+async def test_no_new_cache_when_the_disk_could_not_hold_it(root: Path) -> None:
+    deps = SkillDeps(root, 1 << 50)  # a petabyte per principal
+    lock = deps.prepare()
+    try:
+        with pytest.raises(DepsError, match="free under SKILL_DEPS_PATH"):
+            await deps.ensure("0123456789abcdef")
+        assert list((root / "images").iterdir()) == []
     finally:
         os.close(lock)
