@@ -68,6 +68,7 @@ class SkillDeps:
         self.layout = DepsLayout(root)
         self.max_bytes = max_bytes
         self._locks: dict[str, trio.Lock] = {}
+        self._mounted: dict[str, Path] = {}  # by key: what ensure found or made, until a purge
         self._salt = b""
 
     def prepare(self) -> int:
@@ -112,15 +113,16 @@ class SkillDeps:
     def key(self, prefix: str) -> str:
         return hashlib.sha256(self._salt + prefix.encode()).hexdigest()[:32]
 
-    def mount_point(self, prefix: str) -> Path:
-        return self.layout.mounts / self.key(prefix)
-
     async def ensure(self, prefix: str) -> Path:
         """The principal's cache, mounted (made on first use). Raises DepsError."""
         key = self.key(prefix)
+        if (mount := self._mounted.get(key)) is not None:  # every run with the network asks: no thread, no I/O
+            return mount
         async with self._locks.setdefault(key, trio.Lock()):
             try:
-                return await trio.to_thread.run_sync(self._ensure, key, prefix)
+                mount = await trio.to_thread.run_sync(self._ensure, key, prefix)
+                self._mounted[key] = mount
+                return mount
             except (OSError, subprocess.SubprocessError) as exc:
                 output = getattr(exc, "stderr", None) or b""
                 error = f"{exc} {output.decode(errors='replace')}"[:500]
@@ -210,6 +212,7 @@ class SkillDeps:
         freed, errors, purged = 0, [], 0
         for key in keys:
             async with self._locks.setdefault(key, trio.Lock()):
+                self._mounted.pop(key, None)  # the next run mounts it again (a fresh one)
                 try:
                     size = await trio.to_thread.run_sync(self._purge, key)
                 except OSError as exc:
@@ -234,6 +237,7 @@ class SkillDeps:
 
     def unmount_all(self) -> None:
         """At shutdown (blocking): every cache unmounted (lazily), images kept for the next start."""
+        self._mounted.clear()
         for mount in self.layout.mounts.iterdir():
             try:
                 unmount(mount)
