@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -91,6 +93,26 @@ def serving(work: Path, extra: dict[str, str] | None = None,
         yield f"http://127.0.0.1:{port}", key
     finally:
         stop_server(proc)
+
+
+@contextmanager
+def serving_client(work: Path, extra: dict[str, str] | None = None, command: list[str] | None = None,
+                   timeout_s: float = 300) -> Iterator[tuple[str, str, httpx.Client]]:  # fmt: skip
+    """``serving``, and a client of it that sends the key: (URL, key, client)."""
+    with (serving(work, extra, command) as (url, key),
+          httpx.Client(base_url=url, headers={"x-api-key": key}, timeout=timeout_s) as http):  # fmt: skip
+        yield url, key, http
+
+
+@contextmanager
+def scratch(prefix: str) -> Iterator[Path]:
+    """A working directory for a benchmark's servers (0755: jails bind from below it), removed afterwards."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    work.chmod(0o755)
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def busy_jiffies() -> int:

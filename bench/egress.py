@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import shutil
 import socket
 import sys
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import Any
 
 import httpx
 import trio
-from common import figures, serving, write_section
+from common import figures, scratch, serving_client, write_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -112,8 +110,7 @@ def server_figures(work: Path, runs: int, network: bool, index_port: int, ca_pem
         extra |= {"ENABLE_SANDBOX_NETWORK": "true", "SKILL_DEPS_PATH": str(deps), "PYTHONPATH": str(REPO),
                   "TEST_EGRESS_RESOLVER": json.dumps(mapping)}  # fmt: skip
         command = SERVE_MAPPED
-    with (serving(work, extra, command) as (url, key),
-          httpx.Client(base_url=url, headers={"x-api-key": key}, timeout=300) as http):  # fmt: skip
+    with serving_client(work, extra, command) as (_, _, http):
         latencies(http, "print(1)", "py", 3)  # warm up
         section: dict[str, Any] = {
             "new_session_py": figures(latencies(http, "print(1)", "py", runs)),
@@ -135,15 +132,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=40)
     args = parser.parse_args()
     section: dict[str, Any] = {"measured_at": time.strftime("%Y-%m-%d"), "proxy": trio.run(proxy_alone, args.runs)}
-    work = Path(tempfile.mkdtemp(prefix="bench-egress-"))
-    work.chmod(0o755)
-    try:
-        with package_index(work, {"benchpkg": make_wheel("benchpkg", "1.0", "VALUE = 1\n")}) as index:
-            ca = index.ca_pem.decode()
-            section["network_off"] = server_figures(work, args.runs, False, index.port, ca)
-            section["network_on"] = server_figures(work, args.runs, True, index.port, ca)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with (scratch("bench-egress-") as work,
+          package_index(work, {"benchpkg": make_wheel("benchpkg", "1.0", "VALUE = 1\n")}) as index):  # fmt: skip
+        ca = index.ca_pem.decode()
+        section["network_off"] = server_figures(work, args.runs, False, index.port, ca)
+        section["network_on"] = server_figures(work, args.runs, True, index.port, ca)
     print(json.dumps(section, indent=2))
     write_section("egress", section)
 

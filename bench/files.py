@@ -13,17 +13,15 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-from common import free_port, percentile, start_server, stop_server, write_section
+from common import free_port, percentile, scratch, start_server, stop_server, write_section
 
 REDIS_SERVER = "/usr/bin/redis-server"
 MOTO_SERVER = os.environ.get("MOTO_SERVER_BIN", "/opt/interpreter/moto-venv/bin/moto_server")
@@ -123,26 +121,21 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=30)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-files-"))
-    work.chmod(0o755)
     section: dict[str, Any] = {"measured_at": time.strftime("%Y-%m-%d"), "pairs": {}}
-    try:
-        with store_servers(work) as distributed:
-            pairs = {"embedded (SQLite + directory)": {}, **({"Redis + S3 (moto_server)": distributed}
-                                                             if distributed else {})}  # fmt: skip
-            for label, extra in pairs.items():
-                key = secrets.token_hex(16)
-                port = free_port()
-                node = work / f"node-{len(section['pairs'])}"
-                node.mkdir(mode=0o755)
-                proc = start_server(port, key, node, extra)
-                try:
-                    section["pairs"][label] = measure(f"http://127.0.0.1:{port}", key, proc.pid, args.runs)
-                finally:
-                    stop_server(proc)
-                print(label, json.dumps(section["pairs"][label], indent=2))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with scratch("bench-files-") as work, store_servers(work) as distributed:
+        pairs = {"embedded (SQLite + directory)": {}, **({"Redis + S3 (moto_server)": distributed}
+                                                         if distributed else {})}  # fmt: skip
+        for label, extra in pairs.items():
+            key = secrets.token_hex(16)
+            port = free_port()
+            node = work / f"node-{len(section['pairs'])}"
+            node.mkdir(mode=0o755)
+            proc = start_server(port, key, node, extra)
+            try:
+                section["pairs"][label] = measure(f"http://127.0.0.1:{port}", key, proc.pid, args.runs)
+            finally:
+                stop_server(proc)
+            print(label, json.dumps(section["pairs"][label], indent=2))
     write_section("files", section)
 
 

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
-from common import figures, new_session_throughput, serving, write_section
+from common import figures, new_session_throughput, scratch, serving, write_section
 
 REFERENCE_RUNS_PER_S = 1.2
 POOL_SIZE = 4
@@ -107,16 +105,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--throughput-runs", type=int, default=100)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-kernels-"))
-    work.chmod(0o755)
     pool = {"SANDBOX_POOL_PY": str(POOL_SIZE), "SANDBOX_POOL_REPLENISH_INTERVAL": "0"}
-    try:
+    with scratch("bench-kernels-") as work:
         section: dict[str, Any] = {"measured_at": time.strftime("%Y-%m-%d")}
         section |= with_server(work, pool, lambda url, key: live_and_pool(url, key, args.runs))
         section |= with_server(work, {**pool, "MAX_LIVE_KERNELS": "0"}, lambda url, key: restore(url, key, args.runs))
         section |= with_server(work, pool, lambda url, key: trio.run(throughput, url, key, args.throughput_runs, 10))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     measured = {"live_print_p50_ms": section["live_print"]["p50_ms"],
                 "pool_first_run_p50_ms": section["pool_first_run"]["p50_ms"],
                 "restore_1mb_p50_ms": section["restore_1mb"]["p50_ms"],

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-from common import figures, serving, write_section
+from common import figures, scratch, serving_client, write_section
 
 CODE = "for i in range(4):\n    await step(i=i)"
 REPLAYED = "first = await step(i=0)\nsecond = await step(i=1)"
@@ -77,8 +75,7 @@ def replayed(http: httpx.Client, runs: int) -> dict[str, Any]:
 
 
 def with_server(work: Path, extra: dict[str, str], body: Callable[[httpx.Client], dict[str, Any]]) -> dict[str, Any]:
-    with (serving(work, {"SANDBOX_POOL_PY": "2", **extra}) as (url, key),
-          httpx.Client(base_url=url, headers={"x-api-key": key}, timeout=60) as http):  # fmt: skip
+    with serving_client(work, {"SANDBOX_POOL_PY": "2", **extra}, timeout_s=60) as (_, _, http):
         return body(http)
 
 
@@ -86,14 +83,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=30)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-ptc-"))
-    work.chmod(0o755)
-    try:
+    with scratch("bench-ptc-") as work:
         section: dict[str, Any] = {"measured_at": time.strftime("%Y-%m-%d")}
         section |= with_server(work, {}, lambda http: live(http, args.runs))
         section |= with_server(work, {"MAX_LIVE_KERNELS": "0"}, lambda http: replayed(http, args.runs))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     section["replay_vs_live_round"] = round(section["replayed_round"]["p50_ms"] / section["live_round"]["p50_ms"], 1)
     print(json.dumps(section, indent=2))
     write_section("programmatic", section)

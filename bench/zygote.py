@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
-from common import new_session_throughput, percentile, serving, write_section
+from common import new_session_throughput, percentile, scratch, serving_client, write_section
 
 TARGETS = {"new_session_p50_ms": 15.0, "new_sessions_per_s_c10": 60.0, "idle_kernel_unique_mib": 5.0}
 IDLE_KERNELS = 8
@@ -57,8 +55,7 @@ def sequential(http: httpx.Client, runs: int) -> list[float]:
 
 
 def measure(mode: str, work: Path, runs: int, sessions: int, repeats: int) -> dict[str, Any]:
-    with (serving(work, {"KERNEL_MODE": mode}) as (url, key),
-          httpx.Client(base_url=url, headers={"x-api-key": key}, timeout=300) as http):  # fmt: skip
+    with serving_client(work, {"KERNEL_MODE": mode}) as (url, key, http):
         sequential(http, 3)  # warm up (the zygote's first start, caches)
         latency = sequential(http, runs)
         section: dict[str, Any] = {"new_session_p50_ms": round(statistics.median(latency), 1),
@@ -87,17 +84,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=60)
     parser.add_argument("--sessions", type=int, default=300)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-zygote-"))
-    work.chmod(0o755)
-    try:
-        section: dict[str, Any] = {"measured_at": time.strftime("%Y-%m-%d")}
+    section: dict[str, Any] = {"measured_at": time.strftime("%Y-%m-%d")}
+    with scratch("bench-zygote-") as work:
         for mode in ("zygote", "nsjail"):
             zygote = mode == "zygote"  # the baseline is 20 times slower: fewer sessions, one run each
             section[mode] = measure(
                 mode, work, args.runs, args.sessions if zygote else args.sessions // 5, repeats=3 if zygote else 1
             )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     zygote, nsjail = section["zygote"], section["nsjail"]
     section["speedup_c10"] = round(zygote["new_sessions_per_s_c10"] / nsjail["new_sessions_per_s_c10"], 1)
     section["targets"] = {
