@@ -11,15 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
-import shutil
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import trio
-from common import free_port, percentile, start_server, stop_server, write_section
+from common import free_port, percentile, scratch, start_server, stop_server, write_section
 from trio_websocket import open_websocket_url
 
 TARGET_MS = 50.0
@@ -31,13 +28,15 @@ PROGRAMS = {
 
 async def arrival_ms(url: str, key: str, lang: str, lines: int) -> list[float]:
     delays: list[float] = []
+    pending = ""  # a line's start, until its newline arrives (a print may reach the client in two chunks)
     async with open_websocket_url(f"{url}/ws/exec?api_key={key}") as ws:
         await ws.send_message(json.dumps({"lang": lang, "code": PROGRAMS[lang].format(n=lines)}))
         while True:
             event: dict[str, Any] = json.loads(await ws.get_message())
             now = time.time()
             if event["type"] == "stdout":
-                for line in event["data"].splitlines():
+                *complete, pending = (pending + event["data"]).split("\n")
+                for line in complete:
                     delays.append((now - float(line)) * 1000)
                     await ws.send_message(json.dumps({"type": "stdin", "data": "\n"}))
             elif event["type"] in ("result", "error"):
@@ -48,24 +47,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lines", type=int, default=50)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-stream-"))
-    work.chmod(0o755)
-    key, port = secrets.token_hex(16), free_port()
-    proc = start_server(port, key, work)
     section: dict[str, Any] = {"measured_at": time.strftime("%Y-%m-%d"), "target_ms": TARGET_MS}
-    try:
-        for lang in PROGRAMS:
-            trio.run(arrival_ms, f"ws://127.0.0.1:{port}", key, lang, 3)  # warm-up (a pool kernel for py)
-            delays = trio.run(arrival_ms, f"ws://127.0.0.1:{port}", key, lang, args.lines)
-            section[lang] = {
-                "p50_ms": round(statistics.median(delays), 2),
-                "p95_ms": round(percentile(delays, 0.95), 2),
-                "max_ms": round(max(delays), 2),
-                "lines": len(delays),
-            }
-    finally:
-        stop_server(proc)
-        shutil.rmtree(work, ignore_errors=True)
+    with scratch("bench-stream-") as work:
+        key, port = secrets.token_hex(16), free_port()
+        proc = start_server(port, key, work)
+        try:
+            for lang in PROGRAMS:
+                trio.run(arrival_ms, f"ws://127.0.0.1:{port}", key, lang, 3)  # warm-up (a pool kernel for py)
+                delays = trio.run(arrival_ms, f"ws://127.0.0.1:{port}", key, lang, args.lines)
+                section[lang] = {
+                    "p50_ms": round(statistics.median(delays), 2),
+                    "p95_ms": round(percentile(delays, 0.95), 2),
+                    "max_ms": round(max(delays), 2),
+                    "lines": len(delays),
+                }
+        finally:
+            stop_server(proc)
     print(json.dumps(section, indent=2))
     write_section("streaming", section)
 
