@@ -175,4 +175,6 @@ def test_health_and_metrics_show_the_sandbox_network(server: ServerProcess) -> N
     egress = detailed["services"]["egress"]["details"]
     assert {"pypi.org", "files.pythonhosted.org", "registry.npmjs.org", REBIND} <= set(egress["allowlist"])
     metrics = httpx.get(f"{server.url}/metrics", headers=server.headers).text
-    assert "interpreter_egress_tunnels_total" in metrics
+    samples = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("interpreter_egress_"))
+    assert float(samples["interpreter_egress_tunnels_total"]) >= 2  # the installs above went through it
+    assert float(samples['interpreter_egress_bytes_total{direction="in"}']) > len(WHEEL[1])
