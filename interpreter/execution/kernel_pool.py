@@ -172,12 +172,13 @@ class KernelPool:
                 await freed.wait()
         return self._free_slots.pop()
 
-    async def take(self, owner: str = "") -> Kernel:
-        """A kernel for a session of ``owner`` that has none: a ready one (a hit) or a new one (a miss).
+    async def take(self, owner: str = "", *, fresh: bool = False) -> Kernel:
+        """A kernel for a session of ``owner`` that has none: a ready one (a hit) or a new one (a miss). ``fresh``:
+        a new one, when a ready one just turned out dead (the others may have died with it, unnoticed so far).
 
         With the sandbox network on there are no ready kernels: each starts with its principal's package cache.
         """
-        while self._ready:
+        while self._ready and not fresh:
             kernel = self._ready.pop(0)
             self._wanted.set()
             if kernel.alive:

@@ -53,11 +53,12 @@ class KernelDied(Exception):
     """The kernel ended, broke the protocol or had to be killed; its live state is gone.
 
     ``result`` is what the run it was in produced until then (its output, a status and a note).
+    ``unstarted``: it died before the run's code began (killed while idle, unnoticed): the run may go again.
     """
 
-    def __init__(self, reason: str, result: RunResult | None = None) -> None:
+    def __init__(self, reason: str, result: RunResult | None = None, *, unstarted: bool = False) -> None:
         super().__init__(reason)
-        self.result = result
+        self.result, self.unstarted = result, unstarted
 
 
 class KernelStartFailed(ServiceUnavailable):
@@ -229,6 +230,7 @@ class Cell:
         self.interrupted: Status | None = None
         self.error: str | None = None  # the kernel's one-line summary of a failure (untrusted text)
         self.last_answers: list[dict[str, Any]] = []  # what the last pause was answered with
+        self.started = False  # the kernel said the code began (user code can only kill it after that)
         self.oom_before = oom_kills(kernel.cgroup) if kernel.cgroup is not None else 0
 
     async def start(self, code: str, args: tuple[str, ...] = (), stdin: bytes | None = None,
@@ -240,7 +242,7 @@ class Cell:
         try:
             await self.kernel.send(protocol.RUN, header, stdin or b"")
         except KernelDied as died:  # it died while idle, between being taken and this run
-            raise KernelDied(str(died), self._died()) from None
+            raise KernelDied(str(died), self._died(), unstarted=True) from None
         return await self._advance(stdin_stream)
 
     async def resume(self, results: list[dict[str, Any]]) -> RunResult | ToolCalls:
@@ -299,6 +301,8 @@ class Cell:
                             closed.add(first)
                         elif event == "dead":
                             dead, deadline = first, trio.current_time() + INTERRUPT_GRACE_S  # the pipes' last bytes
+                        elif event == "frame" and first[0] == protocol.STARTED:
+                            self.started = True
                         elif event == "frame" and first[0] == protocol.RESULT:
                             result, deadline = first[1], trio.current_time() + MARKER_WAIT_S
                         elif event == "frame" and first[0] == protocol.TOOL_CALL and dead is None and result is None:
@@ -330,7 +334,9 @@ class Cell:
                 await self._keep(name, scanner.rest())
         if dead is not None or result is None:
             kernel.broken = True
-            raise KernelDied(dead or "no result", self._died())
+            # Output may have come (the jail's shell reports the kill), but none of the run's code ran.
+            unstarted = not self.started and self.interrupted is None
+            raise KernelDied(dead or "no result", self._died(), unstarted=unstarted)
         return self._result(result)
 
     def _result(self, result: dict[str, Any]) -> RunResult:
@@ -413,7 +419,7 @@ async def serve_kernel(config: KernelConfig, slot: int, identity: Identity, acti
             assert jail.process.stderr is not None
             for name, pipe in (("stdout", jail.process.stdout), ("stderr", jail.process.stderr)):
                 nursery.start_soon(_pump, pipe, name, send_events.clone())
-            nursery.start_soon(_read_frames, stream, send_events.clone(), config.state_max_bytes)
+            nursery.start_soon(_read_frames, stream, send_events.clone(), config.state_max_bytes, kernel)
             send_events.close()
             await start()
             with trio.move_on_after(config.start_timeout_s) as waiting:
@@ -561,8 +567,11 @@ async def _pump(stream: trio.abc.ReceiveStream, name: str, events: trio.MemorySe
         await events.send(("closed", name, None))
 
 
-async def _read_frames(stream: trio.SocketStream, events: trio.MemorySendChannel[Event], state_max: int) -> None:
-    """The kernel's frames into its events. A protocol error, an oversized frame or EOF ends the kernel."""
+async def _read_frames(stream: trio.SocketStream, events: trio.MemorySendChannel[Event], state_max: int,
+                       kernel: Kernel) -> None:  # fmt: skip
+    """The kernel's frames into its events. A protocol error, an oversized frame or EOF ends the kernel: it is
+    marked broken at once, since its jail may take a while to end (an idle pool kernel killed from outside
+    must not be handed out meanwhile)."""
     buffer = bytearray()
 
     async def exactly(count: int) -> bytes:
@@ -585,6 +594,8 @@ async def _read_frames(stream: trio.SocketStream, events: trio.MemorySendChannel
                 header, payload = protocol.decode_body(await exactly(rest), header_length)
                 await events.send(("frame", (kind, header), payload))
         except protocol.ProtocolError as exc:
+            kernel.broken = True
             await events.send(("dead", f"the kernel broke the protocol ({exc})", None))
         except (KernelDied, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            kernel.broken = True
             await events.send(("dead", str(exc) or "the kernel ended", None))

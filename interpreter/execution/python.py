@@ -28,6 +28,8 @@ log = logging.getLogger("interpreter.kernels")
 LOCK_LEASE_EXTRA_S = 120  # beyond the run's timeout: staging, collecting, checkpointing
 NO_SOURCE = ""  # a kernel has no source file in /mnt/data
 LOST = "The Python kernel stopped after the run: its variables were not saved."
+RESTORE_ATTEMPTS = 2  # see _restored
+UNSTARTED_ATTEMPTS = 2  # a kernel found dead when the run began is replaced once
 
 
 def session_key(session: Session) -> str:
@@ -59,22 +61,27 @@ class PythonRuns:
         async def steps(on_output: OnOutput | None) -> AsyncGenerator[RunResult, None]:
             lease = job.timeout_s + LOCK_LEASE_EXTRA_S
             async with self.state.session_lock(session.owner, session.id, lease_s=lease, wait_s=lease):
-                kernel = await self.staged_kernel(session, existing, workspace, outcome)
-                egress_before = kernel.egress()
-                try:
-                    result = await kernel.run(job.code, job.args, job.stdin, job.timeout_s, on_output, job.stdin_stream)
-                    result.egress = _difference(kernel.egress(), egress_before)
-                    state = await self.conclude(kernel, result, workspace, outcome)
-                except KernelDied as died:
-                    self.pool.discard(kernel)
-                    log.info("a kernel died during a run", extra={"fields": {"reason": str(died)}})
-                    if died.result is None:
+                for attempt in range(1, UNSTARTED_ATTEMPTS + 1):
+                    kernel = await self.staged_kernel(session, existing, workspace, outcome, fresh=attempt > 1)
+                    egress_before = kernel.egress()
+                    try:
+                        result = await kernel.run(job.code, job.args, job.stdin, job.timeout_s, on_output,
+                                                  job.stdin_stream)  # fmt: skip
+                        result.egress = _difference(kernel.egress(), egress_before)
+                        state = await self.conclude(kernel, result, workspace, outcome)
+                        break
+                    except KernelDied as died:
+                        self.pool.discard(kernel)
+                        log.info("a kernel died during a run", extra={"fields": {"reason": str(died)}})
+                        if died.unstarted and attempt < UNSTARTED_ATTEMPTS and job.stdin_stream is None:
+                            continue  # nothing of the run happened: it goes again in another kernel
+                        if died.result is None:
+                            raise
+                        yield died.result
+                        return
+                    except BaseException:
+                        self.pool.discard(kernel)
                         raise
-                    yield died.result
-                    return
-                except BaseException:
-                    self.pool.discard(kernel)
-                    raise
                 yield result
                 await self.store(session, kernel, state)
 
@@ -104,48 +111,58 @@ class PythonRuns:
             kernel.saved = (hashlib.sha256(state).digest(), time.monotonic())
         self.pool.keep(session_key(session), kernel)
 
-    async def staged_kernel(self, session: Session, existing: bool, workspace: Workspace,
-                            outcome: PythonOutcome) -> Kernel:  # fmt: skip
+    async def staged_kernel(self, session: Session, existing: bool, workspace: Workspace, outcome: PythonOutcome,
+                            *, fresh: bool = False) -> Kernel:  # fmt: skip
         """The session's kernel (``kernel_for``) with the run's files in its run directory."""
         key, owner, session_id = session_key(session), session.owner, session.id
-        kernel = await self.kernel_for(key, owner, session_id, existing, outcome)
+        kernel = await self.kernel_for(key, owner, session_id, existing, outcome, fresh=fresh)
         try:
             await workspace.stage(kernel.run_dir, NO_SOURCE, kernel.identity, kernel.present)
         except OSError:  # its jail went away between runs (it died while idle): a fresh kernel
             self.pool.discard(kernel)
-            kernel = await self.kernel_for(key, owner, session_id, existing, outcome)
+            kernel = await self.kernel_for(key, owner, session_id, existing, outcome, fresh=True)
             await workspace.stage(kernel.run_dir, NO_SOURCE, kernel.identity, kernel.present)
         except BaseException:  # the store failed: the kernel is as it was, and stays the session's
             self.pool.keep(key, kernel)
             raise
         return kernel
 
-    async def kernel_for(self, key: str, owner: str, session_id: str, existing: bool,
-                          outcome: PythonOutcome) -> Kernel:  # fmt: skip
-        """The session's live kernel if it is current, else a pool kernel with the session's checkpoint."""
+    async def kernel_for(self, key: str, owner: str, session_id: str, existing: bool, outcome: PythonOutcome, *,
+                         fresh: bool = False) -> Kernel:  # fmt: skip
+        """The session's live kernel if it is current, else a pool kernel with the session's checkpoint
+        (``fresh``: a new kernel, not a ready one; see ``KernelPool.take``)."""
         generation = await self.state.generation(owner, session_id) if existing else 0
         kernel = self.pool.take_live(key)
         if kernel is not None and kernel.alive and kernel.generation == generation:
             return kernel
         if kernel is not None:
             self.pool.discard(kernel)  # out of date: the session ran elsewhere since
-        kernel = await self.pool.take(owner)
-        try:
-            kernel.generation = generation
-            if existing and self.persist_state and (state := await self.state.load(owner, session_id)) is not None:
-                outcome.state_warnings += await kernel.restore(state)
-                outcome.restored = True
-        except KernelDied:
-            # Restoring killed it (a state that needs more memory than the limit, say): go on without it.
-            self.pool.discard(kernel)
-            outcome.state_warnings.append("The saved variables could not be restored; this run starts without them.")
-            outcome.restored = False
-            kernel = await self.pool.take(owner)
-            kernel.generation = generation
-        except BaseException:
-            self.pool.discard(kernel)
-            raise
+        state = await self.state.load(owner, session_id) if existing and self.persist_state else None
+        kernel = await self._restored(owner, state, outcome, fresh) if state is not None else None
+        if kernel is None:
+            kernel = await self.pool.take(owner, fresh=fresh)
+        kernel.generation = generation
         return kernel
+
+    async def _restored(self, owner: str, state: bytes, outcome: PythonOutcome, fresh: bool) -> Kernel | None:
+        """A pool kernel holding ``state``, or None (with a warning) when restoring it kills the kernel."""
+        for attempt in range(RESTORE_ATTEMPTS):
+            kernel = await self.pool.take(owner, fresh=fresh or attempt > 0)
+            try:
+                outcome.state_warnings += await kernel.restore(state)
+            except KernelDied:
+                # A ready kernel can die unnoticed (killed from outside while idle), so a new kernel gets the
+                # state; when that one dies too, it is the restore that kills them (a state needing more
+                # memory than the limit, say), and the run goes on without it.
+                self.pool.discard(kernel)
+                continue
+            except BaseException:
+                self.pool.discard(kernel)
+                raise
+            outcome.restored = True
+            return kernel
+        outcome.state_warnings.append("The saved variables could not be restored; this run starts without them.")
+        return None
 
     def _changed(self, kernel: Kernel, state: bytes) -> bool:
         """False when the stored checkpoint already holds exactly these bytes (and is far from expiring)."""

@@ -206,22 +206,25 @@ def test_librechat_style_calls_keep_variables_through_file_refs(kernels: ServerP
     assert stranger["stdout"] == "False\n"  # another user of the same key does not share it
 
 
+def kill_every_kernel(server: ServerProcess) -> None:
+    """SIGKILL the Python process of every kernel of ``server``: its sessions' and its idle pool's."""
+    for run_id in details(server)["run_ids"]:
+        for cgroup in Path("/sys/fs/cgroup/memory").glob(f"interpreter-*/run-{run_id}"):
+            for pid in (cgroup / "cgroup.procs").read_text().split():
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # it ended meanwhile
+                    if Path(f"/proc/{pid}/comm").read_text().startswith("python"):
+                        os.kill(int(pid), signal.SIGKILL)
+
+
 def test_the_kernel_of_a_session_is_replaced_when_killed_from_outside(kernels: ServerProcess) -> None:
     first = py(kernels, "kept = 'checkpointed'")
     sid = first["session_id"]
-    before = set(details(kernels)["run_ids"])
+    assert details(kernels)["run_ids"]
 
     def kill_the_running_kernel() -> None:
-        """SIGKILL the Python process of every kernel of this server (the running one among them)."""
         time.sleep(1.5)
-        for run_id in details(kernels)["run_ids"]:
-            for cgroup in Path("/sys/fs/cgroup/memory").glob(f"interpreter-*/run-{run_id}"):
-                for pid in (cgroup / "cgroup.procs").read_text().split():
-                    with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # it ended meanwhile
-                        if Path(f"/proc/{pid}/comm").read_text().startswith("python"):
-                            os.kill(int(pid), signal.SIGKILL)
+        kill_every_kernel(kernels)
 
-    assert before
     killer = threading.Thread(target=kill_the_running_kernel)
     killer.start()
     run = py(kernels, "import time\nprint('working', flush=True)\ntime.sleep(10)", session_id=sid)
@@ -230,6 +233,17 @@ def test_the_kernel_of_a_session_is_replaced_when_killed_from_outside(kernels: S
     assert run["stdout"] == "working\n"  # what it printed before it died is kept
     assert "The Python kernel stopped during the run" in run["stderr"]
     assert py(kernels, "print(kept)", session_id=sid)["stdout"] == "checkpointed\n"
+
+
+def test_kernels_killed_while_idle_are_not_handed_out(kernels: ServerProcess) -> None:
+    """The session's kernel and the ready ones die between two runs; the next run (no pause) gets a live
+    kernel with the session's checkpoint, and a new session a live kernel too."""
+    sid = py(kernels, "kept = 'idle'")["session_id"]
+    kill_every_kernel(kernels)
+    again = py(kernels, "print(kept)", session_id=sid)
+    assert (again["status"], again["stdout"], again["runtime_status"]) == ("ok", "idle\n", "restored"), again
+    kill_every_kernel(kernels)
+    assert py(kernels, "print('fresh')")["stdout"] == "fresh\n"
 
 
 # --- servers of their own ---------------------------------------------------------------------------------------
