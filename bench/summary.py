@@ -130,7 +130,7 @@ def egress(section: dict[str, Any]) -> list[str]:
     for key, label in (("new_session_py", "new Python session `print(1)`"), ("one_shot_bash", "one-shot `bash`")):
         lines.append(f"| {label} | {off[key]['p50_ms']} / {off[key]['p95_ms']} ms | "
                      f"{on[key]['p50_ms']} / {on[key]['p95_ms']} ms |")  # fmt: skip
-    lines.append(f"| `pip install` of a small wheel, first / again (whole request) | | "
+    lines.append(f"| `pip install` of a small wheel from a loopback index, first / again (whole request) | | "
                  f"{on['pip_install_first_s']} / {on['pip_install_again_s']} s |")  # fmt: skip
     return lines
 
