@@ -18,7 +18,7 @@ from typing import Literal
 from urllib.parse import urlparse
 
 from interpreter.egress.registries import discover
-from interpreter.egress.service import allowlist_for, missing_tools
+from interpreter.egress.service import allowlist_for, missing_tools, settings_problem
 from interpreter.errors import SettingsError
 from interpreter.execution.setup import kernel_mode, pool_config
 from interpreter.settings import Settings
@@ -241,8 +241,8 @@ def check_sandbox_network(settings: Settings, environ: dict[str, str] | None = N
     if not settings.enable_sandbox_network:
         yield Finding("ok", "sandbox network", "off (ENABLE_SANDBOX_NETWORK=false): sandboxes have no network")
         return
-    if not settings.enable_network_isolation:
-        yield Finding("fail", "sandbox network", "needs ENABLE_NETWORK_ISOLATION=true (else the proxy is bypassed)")
+    if (problem := settings_problem(settings)) is not None:
+        yield Finding("fail", "sandbox network", problem)
     registries = discover(os.environ if environ is None else environ, settings.sandbox_venv)
     try:
         allowlist = allowlist_for(settings, registries)
@@ -252,8 +252,8 @@ def check_sandbox_network(settings: Settings, environ: dict[str, str] | None = N
     yield Finding("ok", "sandbox network", "sandboxes may reach, on port 443 and by name only: "
                   + ", ".join(allowlist.entries()))  # fmt: skip
     for url in registries.skipped:
-        yield Finding("warn", "sandbox network", f"{url} is configured but not an https URL on port 443: "
-                      "sandboxes cannot use it through the proxy")  # fmt: skip
+        yield Finding("warn", "sandbox network", f"{url} is configured but not an https URL on port 443 with a host "
+                      "name: sandboxes cannot use it through the proxy")  # fmt: skip
     for host in registries.withheld:
         yield Finding("warn", "sandbox network", f"the URL configured for {host} carries credentials: sandboxes get "
                       "it without them (their code could read them), so it must serve them anonymously")  # fmt: skip

@@ -267,12 +267,11 @@ async def serve(
         notifier.notify("STOPPING=1")
         shutting_down.set()  # open WebSockets stop their runs and close with 1001
 
-    network = open_network(settings, egress_resolver)
-    if network is not None:
-        log.info("sandbox network", extra={"fields": {**network.describe(), "skill_deps_path": str(
-            settings.skill_deps_path), "unusable_registries": list(network.registries.skipped)}})  # fmt: skip
-    # Outer resources first (STYLE §3): the sandbox host, the asyncio bridge, the stores.
-    with open_execution(settings, network) as execution:
+    # Outer resources first (STYLE §3): the sandbox network and host, the asyncio bridge, the stores.
+    with open_network(settings, egress_resolver) as network, open_execution(settings, network) as execution:
+        if network is not None:
+            log.info("sandbox network", extra={"fields": {**network.describe(), "skill_deps_path": str(
+                settings.skill_deps_path), "unusable_registries": list(network.registries.skipped)}})  # fmt: skip
         log.info("python kernels", extra={"fields": {"mode": execution.kernel_mode[0],
                                                     "why": execution.kernel_mode[1]}})  # fmt: skip
         async with trio_asyncio.open_loop(), open_stores(settings) as stores:
@@ -313,13 +312,7 @@ async def serve(
             if network is not None:
                 health.register("egress", partial(egress_check, network), required=False)
                 deps.metrics.counters += [network.proxy.tunnels, network.proxy.refusals, network.proxy.bytes]
-            try:
-                await _serve_with(deps, execution, board, notifier, hyper, stop_when_triggered, blueprints,
-                                  task_status)  # fmt: skip
-            finally:
-                if network is not None:  # every jail is gone: the package caches can go until the next start
-                    with trio.CancelScope(shield=True):
-                        await trio.to_thread.run_sync(network.deps.unmount_all)
+            await _serve_with(deps, execution, board, notifier, hyper, stop_when_triggered, blueprints, task_status)
     log.info("stopped")
 
 
@@ -333,8 +326,8 @@ async def _serve_with(
         await services.start(partial(supervise, watchdog, name="watchdog", board=board))
         reaper_service = partial(reaper.run, execution.reaper, execution.runner.is_active)
         await services.start(partial(supervise, reaper_service, name="reaper", board=board))
-        if execution.network is not None:  # before anything that starts a sandbox
-            await services.start(partial(supervise, execution.network.proxy.run, name="egress_proxy", board=board))
+        if deps.network is not None:  # before anything that starts a sandbox
+            await services.start(partial(supervise, deps.network.proxy.run, name="egress_proxy", board=board))
         await services.start(partial(supervise, execution.executor.run, name="executor", board=board))
         if deps.authenticator.jwt is not None and deps.authenticator.jwt.jwks_url is not None:
             jwks = partial(refresh_forever, deps.authenticator.jwt)

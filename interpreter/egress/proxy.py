@@ -37,7 +37,6 @@ HEAD_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 120.0
 TUNNELS_PER_SANDBOX = 16  # npm opens up to 15 sockets at once; more wait in the backlog
-BACKLOG = 64
 CHUNK = 65536
 LOGGED_REFUSALS = 20  # per sandbox; more are counted, not logged (a connect loop must not flood the log)
 ACCEPT_RETRY_S = 0.1

@@ -4,8 +4,9 @@ The default allowlist is not written down here: it is whatever pip, npm, Go and 
 are configured to use (environment first, then their configuration files, then each tool's built-in
 default), so a site with an internal mirror gets that mirror and nothing else. The sandbox then gets
 the same registries in its environment, so its tools use exactly what the proxy lets through. Only
-``https`` URLs on port 443 count: the proxy tunnels nothing else (a ``file://`` or plain-HTTP index
-is left out, and ``interpreter doctor`` says so).
+``https`` URLs on port 443, by name, count: the proxy tunnels nothing else (a ``file://``, plain-HTTP
+or IP-address index is left out, and ``interpreter doctor`` says so). The proxy also refuses names
+that resolve to private addresses, so a mirror must be reachable at a public address.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
+
+from interpreter.egress.allowlist import Refused, normalise_host
 
 PYPI = "https://pypi.org/simple"
 PYPI_FILES = {"pypi.org": "files.pythonhosted.org"}  # where an index's files live, when not on the index itself
@@ -35,15 +38,14 @@ def without_credentials(url: str) -> str:
 
 
 def https_host(url: str) -> str | None:
-    """The host of an https URL on the default port, else None."""
+    """The host of an https URL on the default port, by name (the proxy refuses addresses), else None."""
     parts = urlsplit(url.strip())
     if parts.scheme != "https" or not parts.hostname:
         return None
     try:
-        port = parts.port
-    except ValueError:
+        return normalise_host(parts.hostname) if parts.port in (None, 443) else None
+    except (ValueError, Refused):  # a port that is not a number, or an IP literal
         return None
-    return parts.hostname.lower() if port in (None, 443) else None
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class Registries:
     npm_registry: str
     goproxy: str
     gosumdb: str
-    skipped: tuple[str, ...] = field(default=())  # configured URLs the proxy cannot serve (file://, http://)
+    skipped: tuple[str, ...] = field(default=())  # configured URLs the proxy cannot serve (file://, http://, IPs)
     withheld: tuple[str, ...] = field(default=())  # hosts whose configured URL carries credentials
 
     def hosts(self) -> list[str]:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from interpreter.egress.allowlist import Allowlist
 from interpreter.egress.deps import MIN_MIB, TOOLS, DepsError, SkillDeps
@@ -16,6 +19,9 @@ from interpreter.errors import ServiceUnavailable, SettingsError
 from interpreter.settings import Settings
 from sandboxes.host import HostError
 from sandboxes.jail import Egress
+
+if TYPE_CHECKING:
+    from interpreter.execution.launcher import Launch
 
 MIB = 1024 * 1024
 NEEDED_TOOLS = (NSENTER, *TOOLS)
@@ -40,6 +46,13 @@ class SandboxNetwork:
     def attach(self, listener: socket.socket, run_id: str, owner: str) -> Tap:
         return self.proxy.attach(listener, run_id, owner)
 
+    async def connect(self, launch: Launch, owner: str) -> Egress:
+        """The jail side for ``launch`` (a one-shot run or an nsjail kernel of ``owner``), its namespace's
+        listener handed to the proxy."""
+        egress = await self.jail_for(owner)
+        launch.tap = self.attach(launch.take_listener(), launch.run_id, owner)
+        return egress
+
     def describe(self) -> dict[str, object]:
         """For /health/detailed (no host path, no configured URL: tenants can read it)."""
         return {"allowlist": self.proxy.allowlist.entries(), "port": self.jail.port,
@@ -63,29 +76,44 @@ def allowlist_for(settings: Settings, registries: Registries) -> Allowlist:
         raise SettingsError(f"SANDBOX_EGRESS_ALLOWLIST: {exc}") from None
 
 
-def open_network(settings: Settings, resolver: Resolver = system_resolver) -> SandboxNetwork | None:
-    """None unless ENABLE_SANDBOX_NETWORK. ``resolver`` is the machine's; only the test suite passes another.
+def settings_problem(settings: Settings) -> str | None:
+    """Why these settings cannot give sandboxes their network (None: they can; ENABLE_SANDBOX_NETWORK on)."""
+    if not settings.enable_network_isolation:
+        return ("ENABLE_SANDBOX_NETWORK=true needs ENABLE_NETWORK_ISOLATION=true: a sandbox on the host's network "
+                "would bypass the egress proxy")  # fmt: skip
+    if settings.skill_deps_max_mib < MIN_MIB:
+        return f"SKILL_DEPS_MAX_MB: at least {MIN_MIB} with ENABLE_SANDBOX_NETWORK=true"
+    return None
+
+
+@contextmanager
+def open_network(settings: Settings, resolver: Resolver = system_resolver) -> Iterator[SandboxNetwork | None]:
+    """None unless ENABLE_SANDBOX_NETWORK; the package caches are unmounted and their directory's lock released
+    at the end of the block. ``resolver`` is the machine's; only the test suite passes another.
 
     Raises:
         SettingsError: an invalid allowlist entry, a cache size too small for a filesystem, or an unusable
             SKILL_DEPS_PATH.
     """
     if not settings.enable_sandbox_network:
-        return None
-    if not settings.enable_network_isolation:
-        raise SettingsError("ENABLE_SANDBOX_NETWORK=true needs ENABLE_NETWORK_ISOLATION=true: a sandbox on the "
-                            "host's network would bypass the egress proxy")  # fmt: skip
-    if settings.skill_deps_max_mib < MIN_MIB:
-        raise SettingsError(f"SKILL_DEPS_MAX_MB: at least {MIN_MIB} with ENABLE_SANDBOX_NETWORK=true")
+        yield None
+        return
+    if problem := settings_problem(settings):
+        raise SettingsError(problem)
     if missing := missing_tools():
         raise SettingsError(f"ENABLE_SANDBOX_NETWORK: {missing}")
     registries = discover(os.environ, settings.sandbox_venv)
+    proxy = EgressProxy(allowlist_for(settings, registries), resolver)
     deps = SkillDeps(Path(settings.skill_deps_path), settings.skill_deps_max_mib * MIB)
     try:
-        deps.prepare()  # (its lock is held until the process ends)
+        lock = deps.prepare()
     except HostError as exc:
         raise SettingsError(f"SKILL_DEPS_PATH: {exc}") from None
     except OSError as exc:
         raise SettingsError(f"SKILL_DEPS_PATH: cannot prepare {settings.skill_deps_path}: {exc.strerror}") from None
     jail = Egress(port=settings.sandbox_egress_port, registries_env=tuple(sorted(registries.sandbox_env().items())))
-    return SandboxNetwork(EgressProxy(allowlist_for(settings, registries), resolver), deps, jail, registries)
+    try:
+        yield SandboxNetwork(proxy, deps, jail, registries)
+    finally:
+        deps.unmount_all()  # every jail is gone by now; the images stay for the next start
+        os.close(lock)

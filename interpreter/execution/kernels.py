@@ -473,10 +473,7 @@ async def _nsjail(config: KernelConfig, identity: Identity, active: set[Path],
     finally:
         jail_end.close()
     try:
-        egress = None
-        if config.egress is not None:
-            egress = await config.egress.jail_for(owner)
-            launch.tap = config.egress.attach(launch.take_listener(), launch.run_id, owner)
+        egress = await config.egress.connect(launch, owner) if config.egress is not None else None
         paths = replace(config.paths, run_dir=launch.run_dir, log_fd=launch.log_fd)
         argv = build_kernel_argv(config.python, config.limits, paths, identity, kernel_dir=config.kernel_dir,
                                  socket_fd=jail_fd, egress=egress)  # fmt: skip

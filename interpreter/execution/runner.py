@@ -153,10 +153,7 @@ class Runner:
         limits = self.limits_for(job.language, job.timeout_s)
         launch = await self._launcher()
         try:
-            egress = None
-            if cfg.egress is not None:
-                egress = await cfg.egress.jail_for(job.owner)
-                launch.tap = cfg.egress.attach(launch.take_listener(), launch.run_id, job.owner)
+            egress = await cfg.egress.connect(launch, job.owner) if cfg.egress is not None else None
             if launch.cgroup is not None:
                 launch.cgroup.set_limits(limits.memory_bytes, limits.pids)
             if job.language.source_naming == "fixed":

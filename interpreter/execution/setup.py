@@ -47,7 +47,6 @@ class Execution:
     kernels: KernelPool | None  # None when the py language is missing
     zygote: Zygote | None = None  # KERNEL_MODE resolved to zygote
     kernel_mode: tuple[str, str] = ("nsjail", "")  # (mode, why)
-    network: SandboxNetwork | None = None  # ENABLE_SANDBOX_NETWORK
 
 
 @contextmanager
@@ -151,7 +150,7 @@ def open_execution(settings: Settings, network: SandboxNetwork | None = None) ->
                 egress=network,
             )
             kernels = KernelPool(kernel_config, pool, launchers.active)
-        yield Execution(layout, cgroups, languages, runner, executor, reaper, kernels, zygote, mode, network)
+        yield Execution(layout, cgroups, languages, runner, executor, reaper, kernels, zygote, mode)
         if cgroups is not None:
             remove_cgroup_parents(cgroups)
     finally:

@@ -13,6 +13,7 @@ import pytest
 
 from interpreter import __version__
 from interpreter.doctor import cargo_version, check_kernel_mode, check_sandbox_network, collect
+from interpreter.egress.service import missing_tools
 from interpreter.resources import sandboxes_dir
 from interpreter.settings import load_settings
 from tests.conftest import TEST_KEY, ServerProcess, cli_env, free_port, make_settings
@@ -78,9 +79,14 @@ def test_doctor_shows_the_effective_allowlist_of_the_sandbox_network() -> None:
     cargo = cargo_version()
     old_cargo = cargo is not None and cargo < (1, 68)
     assert len([f for f in found if "crates.io's index with git" in f.message]) == (1 if old_cargo else 0)
+    assert found[-1].check == "package caches"
+    assert found[-1].level == ("ok" if missing_tools() is None else "fail")
     if os.environ.get("CI") == "true":
-        assert found[-1].level == "ok"  # the install script puts mkfs, mount, nsenter in place
-        assert found[-1].check == "package caches"
+        assert missing_tools() is None  # the install script puts mkfs, mount, nsenter and loop devices in place
+    too_small = load_settings({"ENABLE_SANDBOX_NETWORK": "true", "SKILL_DEPS_MAX_MB": "8"}, env_file=None)
+    assert ("fail", "SKILL_DEPS_MAX_MB: at least 16 with ENABLE_SANDBOX_NETWORK=true") in [
+        (f.level, f.message) for f in check_sandbox_network(too_small, {})
+    ]  # what would stop the start
 
 
 def test_doctor_fails_and_explains_a_missing_nsjail(work_dir: Path) -> None:

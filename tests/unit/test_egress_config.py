@@ -91,6 +91,24 @@ def test_the_environment_wins_over_files_and_a_plain_http_index_is_left_out(tmp_
     assert "sum.golang.org" not in registries.hosts()
 
 
+def test_a_mirror_given_by_address_is_left_out_not_a_failed_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The proxy tunnels to names only: an index at an IP address is reported, and the start goes on."""
+    environ = {"PIP_INDEX_URL": "https://10.0.0.5/simple", "NPM_CONFIG_REGISTRY": "https://[fd00::1]/"}
+    registries = discover(environ, tmp_path / "venv", root=tmp_path)
+    assert registries.skipped == ("https://10.0.0.5/simple", "https://[fd00::1]/")
+    assert "registry.npmjs.org" in registries.hosts()  # npm falls back to its default, as for any unusable URL
+    assert not {"10.0.0.5", "fd00::1"} & set(registries.hosts())
+    settings = load_settings({"ENABLE_SANDBOX_NETWORK": "true", "SKILL_DEPS_PATH": str(tmp_path / "deps")},
+                             env_file=None)  # fmt: skip
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    with open_network(settings) as network:
+        assert network is not None
+        assert network.registries.skipped == registries.skipped
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [({"ENABLE_NETWORK_ISOLATION": "false"}, "needs ENABLE_NETWORK_ISOLATION=true"),
@@ -100,22 +118,26 @@ def test_the_environment_wins_over_files_and_a_plain_http_index_is_left_out(tmp_
 def test_settings_that_cannot_work_stop_the_start(tmp_path: Path, env: dict[str, str], message: str) -> None:
     settings = load_settings({"ENABLE_SANDBOX_NETWORK": "true", "SKILL_DEPS_PATH": str(tmp_path), **env},
                              env_file=None)  # fmt: skip
-    with pytest.raises(SettingsError, match=re.escape(message)):
-        open_network(settings)
+    with pytest.raises(SettingsError, match=re.escape(message)), open_network(settings):
+        pass
+    assert not any(tmp_path.iterdir())  # refused before anything was made
 
 
 def test_off_means_nothing_is_made(tmp_path: Path) -> None:
-    assert open_network(load_settings({"SKILL_DEPS_PATH": str(tmp_path / "deps")}, env_file=None)) is None
+    with open_network(load_settings({"SKILL_DEPS_PATH": str(tmp_path / "deps")}, env_file=None)) as network:
+        assert network is None
     assert not (tmp_path / "deps").exists()
 
 
 def test_one_server_per_cache_directory(tmp_path: Path) -> None:
     settings = load_settings({"ENABLE_SANDBOX_NETWORK": "true", "SKILL_DEPS_PATH": str(tmp_path)}, env_file=None)
-    first = open_network(settings)
-    assert first is not None
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", ".salt", "images", "mounts"]
-    with pytest.raises(SettingsError, match="another instance"):
-        open_network(settings)
+    with open_network(settings) as first:
+        assert first is not None
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", ".salt", "images", "mounts"]
+        with pytest.raises(SettingsError, match="another instance"), open_network(settings):
+            pass
+    with open_network(settings) as again:  # the first released the directory at its end
+        assert again is not None
 
 
 def test_credentials_in_a_registry_url_never_reach_a_sandbox(tmp_path: Path) -> None:
