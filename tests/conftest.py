@@ -189,10 +189,13 @@ class ServerProcess:
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(self.log_path.read_text().splitlines()[-n:]) if self.log_path.exists() else ""
 
-    def exec(self, code: str, lang: str, timeout_s: float = 120, **fields: object) -> dict[str, Any]:
-        """POST /exec and return the JSON (keepalive whitespace is part of a valid JSON body)."""
+    def exec(self, code: str, lang: str, timeout_s: float = 120, key: str | None = None,
+             **fields: object) -> dict[str, Any]:  # fmt: skip
+        """POST /exec (with ``key``, else the test key) and return the JSON (keepalive whitespace is part of a
+        valid JSON body)."""
+        headers = {"x-api-key": key} if key is not None else self.headers
         response = httpx.post(
-            f"{self.url}/exec", json={"code": code, "lang": lang, **fields}, headers=self.headers, timeout=timeout_s
+            f"{self.url}/exec", json={"code": code, "lang": lang, **fields}, headers=headers, timeout=timeout_s
         )
         assert response.status_code == 200, f"{response.text}\n{self.log_tail(60)}"
         result: dict[str, Any] = response.json()

@@ -12,15 +12,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import trio
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from quart import Blueprint, Response, jsonify
 
 from interpreter.api.app import current_deps
 from interpreter.api.bodies import json_body
 from interpreter.api.openapi import documented
 from interpreter.auth.managed import PERIODS, PREFIX_SHOWN, KeyRecord, ManagedKeys
-from interpreter.auth.principals import Principal
-from interpreter.egress.deps import ECOSYSTEMS
+from interpreter.auth.principals import storage_prefix
+from interpreter.egress.deps import empty_usage
 from interpreter.errors import Conflict, Forbidden, NotFound, ServiceUnavailable
 
 blueprint = Blueprint("admin", __name__, url_prefix="/api/v1/admin")
@@ -45,6 +45,12 @@ class PurgeDeps(BaseModel):
     model_config = ConfigDict(extra="forbid")
     principal: str | None = Field(None, min_length=1, max_length=300, description="A principal id (env:..., key:...)")
     principal_prefix: str | None = Field(None, pattern="^[0-9a-f]{16}$", description="As GET lists them")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> PurgeDeps:
+        if self.principal is not None and self.principal_prefix is not None:
+            raise ValueError("give principal or principal_prefix, not both (neither: every cache)")
+        return self
 
 
 class UpdateKey(BaseModel):
@@ -148,9 +154,7 @@ async def skill_deps() -> dict[str, Any]:
     path = deps.settings.skill_deps_path
     report: dict[str, Any] = {"path": str(path), "enabled": deps.network is not None}
     if deps.network is None:
-        ecosystems = {name: {"exists": False, "bytes": 0} for name in ECOSYSTEMS}
-        return {**report, "exists": path.exists(), "total_bytes": 0, "limit_bytes_per_principal": None,
-                "ecosystems": ecosystems, "principals": []}  # fmt: skip
+        return {**report, "exists": path.exists(), "limit_bytes_per_principal": None, **empty_usage()}
     usage = await trio.to_thread.run_sync(deps.network.deps.usage)
     return {**report, "exists": True, "limit_bytes_per_principal": deps.network.deps.max_bytes, **usage}
 
@@ -164,7 +168,5 @@ async def purge_skill_deps() -> dict[str, Any]:
     body = await json_body(PurgeDeps)
     if network is None:
         raise Conflict("The sandbox network is off (ENABLE_SANDBOX_NETWORK=false): there are no package caches")
-    prefix = body.principal_prefix
-    if body.principal is not None:
-        prefix = Principal(body.principal, "key").storage_prefix
+    prefix = storage_prefix(body.principal) if body.principal is not None else body.principal_prefix
     return await network.deps.purge(prefix)

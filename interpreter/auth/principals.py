@@ -28,8 +28,12 @@ class Principal:
 
     @property
     def storage_prefix(self) -> str:
-        """The hash every KV and blob key of this principal starts with (DESIGN §4)."""
-        return hashlib.sha256(self.id.encode()).hexdigest()[:16]
+        return storage_prefix(self.id)
+
+
+def storage_prefix(principal_id: str) -> str:
+    """The hash every KV and blob key of a principal starts with (DESIGN §4)."""
+    return hashlib.sha256(principal_id.encode()).hexdigest()[:16]
 
 
 def key_hash(key: str) -> str:

@@ -23,6 +23,7 @@ import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -177,12 +178,11 @@ class SkillDeps:
 
     # --- what admins see and do ----------------------------------------------------------------------------
 
-    def usage(self) -> dict[str, object]:
+    def usage(self) -> dict[str, Any]:
         """Per principal: used bytes (statvfs when mounted, else the image's allocated size) and, when mounted,
         per ecosystem (a walk that follows no links). Blocking."""
-        principals: list[dict[str, object]] = []
-        ecosystems = {name: {"exists": False, "bytes": 0} for name in ECOSYSTEMS}
-        total = 0
+        report = empty_usage()
+        principals, ecosystems = report["principals"], report["ecosystems"]
         for image in sorted(self.layout.images.glob("*.img")):
             key, mount = image.stem, self.layout.mounts / image.stem
             try:
@@ -200,10 +200,10 @@ class SkillDeps:
                     used = info.st_blocks * 512
             except OSError:
                 continue  # purged meanwhile
-            total += used
+            report["total_bytes"] += used
             principals.append({"principal_prefix": prefix, "limit_bytes": info.st_size, "used_bytes": used,
                                "mounted": mounted})  # fmt: skip
-        return {"principals": principals, "ecosystems": ecosystems, "total_bytes": total}
+        return report
 
     async def purge(self, prefix: str | None) -> dict[str, object]:
         """Remove one principal's cache (or all). Jails using it keep it until they end; the next run of the
@@ -243,6 +243,12 @@ class SkillDeps:
                 unmount(mount)
             except OSError as exc:
                 log.warning("a package cache could not be unmounted", extra={"fields": {"error": exc.strerror}})
+
+
+def empty_usage() -> dict[str, Any]:
+    """What ``SkillDeps.usage`` reports when there is no cache."""
+    return {"principals": [], "ecosystems": {name: {"exists": False, "bytes": 0} for name in ECOSYSTEMS},
+            "total_bytes": 0}  # fmt: skip
 
 
 def _run(argv: list[str]) -> None:

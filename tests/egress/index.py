@@ -124,6 +124,10 @@ class PackageIndex:
     ca_pem: bytes
     requests: list[str]  # "host path" of every request served
 
+    def trusting(self, commands: str) -> str:
+        """bash that writes the test's CA to /tmp/ca.pem (as a site would trust its mirror's), then ``commands``."""
+        return f"cat > /tmp/ca.pem <<'EOF'\n{self.ca_pem.decode()}EOF\n{commands}"
+
 
 @contextmanager
 def package_index(directory: Path, wheels: dict[str, tuple[str, bytes]],

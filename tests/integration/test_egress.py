@@ -60,16 +60,7 @@ def server(index: PackageIndex) -> Iterator[ServerProcess]:
 
 def pip_install(index: PackageIndex, package: str) -> str:
     """bash that trusts the test's CA (as a site would trust its mirror's) and pip-installs ``package``."""
-    return (f"cat > /tmp/ca.pem <<'EOF'\n{index.ca_pem.decode()}EOF\n"
-            f"pip install --cert /tmp/ca.pem --no-input {package} 2>&1 | tail -2\n")  # fmt: skip
-
-
-def run_as(server: ServerProcess, key: str, code: str, lang: str) -> dict[str, object]:
-    response = httpx.post(f"{server.url}/exec", json={"code": code, "lang": lang}, headers={"x-api-key": key},
-                          timeout=180)  # fmt: skip
-    assert response.status_code == 200, response.text
-    result: dict[str, object] = response.json()
-    return result
+    return index.trusting(f"pip install --cert /tmp/ca.pem --no-input {package} 2>&1 | tail -2\n")
 
 
 def test_pip_installs_from_the_registry_through_the_proxy(server: ServerProcess, index: PackageIndex) -> None:
@@ -85,9 +76,11 @@ def test_pip_installs_from_the_registry_through_the_proxy(server: ServerProcess,
     assert finished[-1]["egress"]["received"] > len(WHEEL[1])
 
 
-def test_the_package_persists_for_its_principal_in_every_language_and_kernel(server: ServerProcess) -> None:
+def test_the_package_persists_for_its_principal_in_later_kernels_and_one_shot_runs(server: ServerProcess) -> None:
     """Later runs (other uids: a new kernel, another one-shot) import it; a run can add to what one installed."""
     assert server.exec("import egresstest_pkg\nprint(egresstest_pkg.VALUE)", "py")["stdout"] == "42\n"
+    one_shot = server.exec("python3 -c 'import egresstest_pkg; print(egresstest_pkg.VALUE)'", "bash")
+    assert one_shot["stdout"] == "42\n", one_shot
     added = server.exec("mkdir -p /opt/skill-deps/python/second && echo 'X = 1' > "
                         "/opt/skill-deps/python/second/__init__.py && echo ok", "bash")  # fmt: skip
     assert added["stdout"] == "ok\n", added
@@ -109,9 +102,8 @@ def test_a_python_kernel_installs_and_imports_in_the_same_cell(server: ServerPro
 
 
 def test_npm_installs_globally_into_the_cache_through_the_proxy(server: ServerProcess, index: PackageIndex) -> None:
-    code = (f"cat > /tmp/ca.pem <<'EOF'\n{index.ca_pem.decode()}EOF\n"
-            "npm install -g --cafile /tmp/ca.pem egresstest-npm 2>&1 | tail -3\n"
-            "node -e 'console.log(\"result\", require(\"egresstest-npm\")())'\n")  # fmt: skip
+    code = index.trusting("npm install -g --cafile /tmp/ca.pem egresstest-npm 2>&1 | tail -3\n"
+                          "node -e 'console.log(\"result\", require(\"egresstest-npm\")())'\n")  # fmt: skip
     result = server.exec(code, "bash", timeout_s=180)
     assert "result from npm" in str(result["stdout"]), result
     assert f"{NPM_HOST} /egresstest-npm" in index.requests
@@ -122,9 +114,8 @@ def test_npm_installs_globally_into_the_cache_through_the_proxy(server: ServerPr
 
 def test_go_installs_a_module_through_the_proxy(server: ServerProcess, index: PackageIndex) -> None:
     """go install from the module proxy; the checksum database is the one thing the test cannot serve."""
-    code = (f"cat > /tmp/ca.pem <<'EOF'\n{index.ca_pem.decode()}EOF\n"
-            f"SSL_CERT_FILE=/tmp/ca.pem GONOSUMDB={GO_MODULE} go install {GO_MODULE}@v1.0.0 2>&1 | tail -3\n"
-            "hello\n")  # fmt: skip
+    code = index.trusting(f"SSL_CERT_FILE=/tmp/ca.pem GONOSUMDB={GO_MODULE} go install {GO_MODULE}@v1.0.0 2>&1 "
+                          "| tail -3\nhello\n")  # fmt: skip
     result = server.exec(code, "bash", timeout_s=180)
     assert str(result["stdout"]).endswith("\nhello from go\n"), result  # installed in the cache's go/bin, on PATH
     assert f"{GO_HOST} /{GO_MODULE}/@v/v1.0.0.zip" in index.requests
@@ -132,15 +123,15 @@ def test_go_installs_a_module_through_the_proxy(server: ServerProcess, index: Pa
 
 
 def test_another_principal_never_sees_it(server: ServerProcess) -> None:
-    result = run_as(server, OTHER_KEY, "import egresstest_pkg", "py")
+    result = server.exec("import egresstest_pkg", "py", key=OTHER_KEY)
     assert "ModuleNotFoundError: No module named 'egresstest_pkg'" in str(result["stderr"])
-    listing = run_as(server, OTHER_KEY, "ls -A /opt/skill-deps/python; echo end", "bash")
+    listing = server.exec("ls -A /opt/skill-deps/python; echo end", "bash", key=OTHER_KEY)
     assert listing["stdout"] == "end\n"
 
 
 def test_a_full_cache_is_the_installers_problem_not_the_hosts(server: ServerProcess) -> None:
-    result = run_as(server, OTHER_KEY, "head -c 100000000 /dev/zero > /opt/skill-deps/cache/big; echo $?; "
-                    "rm /opt/skill-deps/cache/big", "bash")  # fmt: skip
+    fill = "head -c 100000000 /dev/zero > /opt/skill-deps/cache/big; echo $?; rm /opt/skill-deps/cache/big"
+    result = server.exec(fill, "bash", key=OTHER_KEY)
     assert "No space left on device" in str(result["stderr"]), result
     usage = httpx.get(f"{server.url}/api/v1/admin/skill-deps", headers={"x-api-key": MASTER}).json()
     assert all(entry["used_bytes"] <= entry["limit_bytes"] == 48 * 2**20 for entry in usage["principals"])
@@ -159,6 +150,10 @@ def test_admins_see_and_purge_one_principals_cache(server: ServerProcess) -> Non
     forbidden = httpx.post(f"{server.url}/api/v1/admin/skill-deps/purge", headers=server.headers, json={})
     assert forbidden.status_code == 403
     mine = env_principal(TEST_KEY)
+    both = httpx.post(f"{server.url}/api/v1/admin/skill-deps/purge", headers=admin,
+                      json={"principal": mine.id, "principal_prefix": mine.storage_prefix})  # fmt: skip
+    assert (both.status_code, both.json()["error_type"]) == (422, "validation")  # not a guess of which
+    assert "not both" in both.json()["details"][0]["message"]
     assert mine.storage_prefix in {entry["principal_prefix"] for entry in usage["principals"]}
     purged = httpx.post(f"{server.url}/api/v1/admin/skill-deps/purge", headers=admin,
                         json={"principal": mine.id}).json()  # fmt: skip
