@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from interpreter.egress.allowlist import Allowlist
 from interpreter.egress.proxy import EgressProxy
-from tests.egress.index import FILES_HOST, INDEX_HOST, make_wheel, package_index
+from tests.egress.index import FILES_HOST, INDEX_HOST, PackageIndex, make_wheel, package_index
 from tests.egress.resolver import MappedResolver
 from tests.egress.serving import REPO, SERVE_MAPPED
 
@@ -100,13 +100,13 @@ def latencies(http: httpx.Client, code: str, lang: str, runs: int) -> list[float
     return samples
 
 
-def server_figures(work: Path, runs: int, network: bool, index_port: int, ca_pem: str) -> dict[str, Any]:
+def server_figures(work: Path, runs: int, network: bool, index: PackageIndex) -> dict[str, Any]:
     extra = {"KERNEL_MODE": "zygote"}
     command = None
     if network:
         deps = work / "deps"
         deps.mkdir(mode=0o755, exist_ok=True)
-        mapping = {"exempt": {INDEX_HOST: ["127.0.0.1", index_port], FILES_HOST: ["127.0.0.1", index_port]}}
+        mapping = {"exempt": {INDEX_HOST: ["127.0.0.1", index.port], FILES_HOST: ["127.0.0.1", index.port]}}
         extra |= {"ENABLE_SANDBOX_NETWORK": "true", "SKILL_DEPS_PATH": str(deps), "PYTHONPATH": str(REPO),
                   "TEST_EGRESS_RESOLVER": json.dumps(mapping)}  # fmt: skip
         command = SERVE_MAPPED
@@ -117,8 +117,7 @@ def server_figures(work: Path, runs: int, network: bool, index_port: int, ca_pem
             "one_shot_bash": figures(latencies(http, "true", "bash", runs)),
         }
         if network:
-            code = (f"cat > /tmp/ca.pem <<'EOF'\n{ca_pem}EOF\n"
-                    "pip install -q --cert /tmp/ca.pem benchpkg && python3 -c 'import benchpkg'")  # fmt: skip
+            code = index.trusting("pip install -q --cert /tmp/ca.pem benchpkg && python3 -c 'import benchpkg'")
             for attempt in ("first", "again"):  # again: installed already, pip only asks the index
                 started = time.perf_counter()
                 reply = http.post("/exec", json={"lang": "bash", "code": code}).json()
@@ -134,9 +133,8 @@ def main() -> None:
     section: dict[str, Any] = {"measured_at": time.strftime("%Y-%m-%d"), "proxy": trio.run(proxy_alone, args.runs)}
     with (scratch("bench-egress-") as work,
           package_index(work, {"benchpkg": make_wheel("benchpkg", "1.0", "VALUE = 1\n")}) as index):  # fmt: skip
-        ca = index.ca_pem.decode()
-        section["network_off"] = server_figures(work, args.runs, False, index.port, ca)
-        section["network_on"] = server_figures(work, args.runs, True, index.port, ca)
+        section["network_off"] = server_figures(work, args.runs, False, index)
+        section["network_on"] = server_figures(work, args.runs, True, index)
     print(json.dumps(section, indent=2))
     write_section("egress", section)
 

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import secrets
-import statistics
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import free_port, percentile, scratch, start_server, stop_server, write_section
+from common import figures, free_port, scratch, start_server, stop_server, write_section
 
 REDIS_SERVER = "/usr/bin/redis-server"
 MOTO_SERVER = os.environ.get("MOTO_SERVER_BIN", "/opt/interpreter/moto-venv/bin/moto_server")
@@ -50,7 +49,7 @@ def timed_exec(http: httpx.Client, body: dict[str, Any], runs: int) -> dict[str,
         reply = http.post("/exec", json=body)
         samples.append((time.perf_counter() - started) * 1000)
         reply.raise_for_status()
-    return {"p50_ms": round(statistics.median(samples), 1), "p95_ms": round(percentile(samples, 0.95), 1)}
+    return figures(samples)
 
 
 def measure(url: str, key: str, pid: int, runs: int) -> dict[str, Any]:

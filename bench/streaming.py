@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import statistics
 import time
 from typing import Any
 
 import trio
-from common import free_port, percentile, scratch, start_server, stop_server, write_section
+from common import percentile, scratch, serving, write_section
 from trio_websocket import open_websocket_url
 
 TARGET_MS = 50.0
@@ -48,21 +47,17 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=50)
     args = parser.parse_args()
     section: dict[str, Any] = {"measured_at": time.strftime("%Y-%m-%d"), "target_ms": TARGET_MS}
-    with scratch("bench-stream-") as work:
-        key, port = secrets.token_hex(16), free_port()
-        proc = start_server(port, key, work)
-        try:
-            for lang in PROGRAMS:
-                trio.run(arrival_ms, f"ws://127.0.0.1:{port}", key, lang, 3)  # warm-up (a pool kernel for py)
-                delays = trio.run(arrival_ms, f"ws://127.0.0.1:{port}", key, lang, args.lines)
-                section[lang] = {
-                    "p50_ms": round(statistics.median(delays), 2),
-                    "p95_ms": round(percentile(delays, 0.95), 2),
-                    "max_ms": round(max(delays), 2),
-                    "lines": len(delays),
-                }
-        finally:
-            stop_server(proc)
+    with scratch("bench-stream-") as work, serving(work) as (url, key):
+        ws_url = url.replace("http://", "ws://")
+        for lang in PROGRAMS:
+            trio.run(arrival_ms, ws_url, key, lang, 3)  # warm-up (a pool kernel for py)
+            delays = trio.run(arrival_ms, ws_url, key, lang, args.lines)
+            section[lang] = {
+                "p50_ms": round(statistics.median(delays), 2),
+                "p95_ms": round(percentile(delays, 0.95), 2),
+                "max_ms": round(max(delays), 2),
+                "lines": len(delays),
+            }
     print(json.dumps(section, indent=2))
     write_section("streaming", section)
 

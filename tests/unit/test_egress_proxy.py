@@ -177,6 +177,7 @@ async def test_a_sandbox_has_a_bounded_number_of_tunnels() -> None:
         with trio.move_on_after(0.5) as waited:
             await extra.receive_some(4096)
         assert waited.cancelled_caught
+        assert tap.tunnels == TUNNELS_PER_SANDBOX  # the extra one is not accepted while the others last
         await streams.pop().aclose()  # one ends: the waiting one is served
         with trio.fail_after(5):
             assert (await extra.receive_some(4096)).startswith(b"HTTP/1.1 200")
